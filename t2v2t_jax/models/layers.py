@@ -1,0 +1,148 @@
+"""Building blocks shared by the video, text and fusion encoders.
+
+Conventions used by every module in `t2v2t_jax.models`:
+- Parameters are float32; `dtype` is the compute dtype (bf16 on accelerators).
+- Calls take `deterministic: bool` and `rngs: nnx.Rngs | None`; dropout and stochastic
+  depth draw from the `dropout` stream, so the caller owns all randomness (the train step
+  builds `nnx.Rngs(dropout=key)` from a step-folded key).
+- Attention output projections are not part of `MultiHeadAttention`: BERT and BEiT keep
+  them in an `output` sub-module with their own LayerNorm, and so do we, so that weight
+  import maps one source module to one of ours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DEFAULT_INIT = jax.nn.initializers.normal(stddev=0.02)  # BERT/BEiT/VindLU initialiser for new weights
+
+
+def as_dtype(name: str | jnp.dtype | None) -> jnp.dtype | None:
+  if name is None:
+    return None
+  return jnp.dtype(name)
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True,
+           dtype=None, kernel_init=DEFAULT_INIT) -> nnx.Linear:
+  """nnx.Linear with the project's initialiser (normal 0.02, zero bias) and float32 params."""
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
+
+
+def layer_norm(features: int, *, eps: float, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+  # use_fast_variance=False: E[(x-mean)^2] as PyTorch computes it, for 1e-4 parity.
+  return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                       use_fast_variance=False, rngs=rngs)
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth: drop the whole residual branch per sample (leading axis)."""
+
+  def __init__(self, rate: float):
+    self.rate = float(rate)
+
+  def __call__(self, x, *, deterministic: bool, rngs: nnx.Rngs | None):
+    if self.rate == 0.0 or deterministic:
+      return x
+    if rngs is None:
+      raise ValueError("DropPath needs rngs when deterministic=False")
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(rngs.dropout(), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def dropout(x, rate: float, *, deterministic: bool, rngs: nnx.Rngs | None):
+  """Functional dropout drawing from the `dropout` stream (no module state needed)."""
+  if rate == 0.0 or deterministic:
+    return x
+  if rngs is None:
+    raise ValueError("dropout needs rngs when deterministic=False")
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rngs.dropout(), keep, x.shape)
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MultiHeadAttention(nnx.Module):
+  """q/k/v projections plus scaled dot-product attention (no output projection).
+
+  Attributes:
+    query, key, value: nnx.Linear projections (`key` may have no bias, as in BEiT).
+    num_heads: number of heads; head_dim = projected width / num_heads.
+    attn_dropout_rate: dropout on attention probabilities (BERT: 0.1).
+    attention_impl: 'auto' | 'xla' | 'cudnn' | 'explicit'. The fused
+      `jax.nn.dot_product_attention` is used unless attention dropout is active, weights
+      are requested, or 'explicit' is chosen.
+  """
+
+  def __init__(self, q_features: int, kv_features: int, num_heads: int, *,
+               rngs: nnx.Rngs, out_features: int | None = None,
+               qkv_bias: tuple[bool, bool, bool] = (True, True, True),
+               attn_dropout_rate: float = 0.0, dtype=None, attention_impl: str = "auto"):
+    out_features = out_features or q_features
+    if out_features % num_heads:
+      raise ValueError(f"attention width {out_features} not divisible by {num_heads} heads")
+    self.num_heads = num_heads
+    self.head_dim = out_features // num_heads
+    self.attn_dropout_rate = float(attn_dropout_rate)
+    self.attention_impl = attention_impl
+    self.dtype = dtype
+    self.query = linear(q_features, out_features, use_bias=qkv_bias[0], dtype=dtype, rngs=rngs)
+    self.key = linear(kv_features, out_features, use_bias=qkv_bias[1], dtype=dtype, rngs=rngs)
+    self.value = linear(kv_features, out_features, use_bias=qkv_bias[2], dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_q, x_kv, *, bias=None, key_mask=None, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None, return_weights: bool = False):
+    """Attend from `x_q` [B, Lq, Dq] to `x_kv` [B, Lk, Dk].
+
+    Args:
+      bias: additive bias broadcastable to [B, H, Lq, Lk] (BEiT relative position bias).
+      key_mask: bool [B, Lk], True where a key may be attended (text padding is False).
+      return_weights: also return the attention probabilities [B, H, Lq, Lk] (float32).
+
+    Returns:
+      context [B, Lq, H * head_dim], or (context, weights) if return_weights.
+    """
+    b, lq, _ = x_q.shape
+    lk = x_kv.shape[1]
+    q = self.query(x_q).reshape(b, lq, self.num_heads, self.head_dim)
+    k = self.key(x_kv).reshape(b, lk, self.num_heads, self.head_dim)
+    v = self.value(x_kv).reshape(b, lk, self.num_heads, self.head_dim)
+
+    attn_dropout_active = self.attn_dropout_rate > 0.0 and not deterministic
+    explicit = return_weights or attn_dropout_active or self.attention_impl == "explicit"
+    if not explicit:
+      mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+      impl = None if self.attention_impl == "auto" else self.attention_impl
+      if bias is not None:
+        bias = bias.astype(q.dtype)
+      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=impl)
+      return ctx.reshape(b, lq, self.num_heads * self.head_dim)
+
+    # Explicit path: softmax in float32, attention-probability dropout, optional weights.
+    scale = self.head_dim ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    if key_mask is not None:
+      big_neg = jnp.finfo(jnp.float32).min
+      logits = jnp.where(key_mask[:, None, None, :].astype(bool), logits, big_neg)
+    weights = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(weights, self.attn_dropout_rate, deterministic=deterministic, rngs=rngs)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    ctx = ctx.reshape(b, lq, self.num_heads * self.head_dim)
+    return (ctx, weights) if return_weights else ctx
+
+
+class FeedForward(nnx.Module):
+  """Dense -> exact GELU -> dense (BERT `intermediate` + `output.dense`, BEiT MLP)."""
+
+  def __init__(self, features: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+    self.intermediate = linear(features, hidden, dtype=dtype, rngs=rngs)
+    self.output = linear(hidden, features, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
