@@ -1,0 +1,109 @@
+"""Caption cleaning and BERT tokenization (SPEC 2).
+
+Sequence layout: `[CLS] + tokens` with no `[SEP]` (VindLU), optionally `[SEP]` at the
+end; padded with id 0 and truncated to `max_len`; attention mask 1 on real tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+PAD_ID = 0  # BERT's [PAD]; SPEC 2 pads with id 0
+
+_REMOVED_CHARS = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACED_CHARS = re.compile(r"[-/]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_caption(text: str) -> str:
+  """Lower-case; `<person>` -> `person`; drop ,.'!?"()*#:;~ ; `-` and `/` -> space;
+  collapse whitespace."""
+  text = text.lower().replace("<person>", "person")
+  text = _REMOVED_CHARS.sub("", text)
+  text = _SPACED_CHARS.sub(" ", text)
+  return _WHITESPACE.sub(" ", text).strip()
+
+
+def load_tokenizer(name_or_path: str):
+  """A lower-casing `BertTokenizer` from a hub name, a local folder or a vocab file.
+
+  A vocab file is loaded with `BertTokenizer(vocab=path)`: in transformers 5,
+  `BertTokenizer(vocab_file=path)` silently builds a tokenizer that maps every word to
+  [UNK]. Whatever the source, the result is checked: a word of the vocabulary must not
+  map to [UNK].
+  """
+  from transformers import BertTokenizer  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(name_or_path):
+    tokenizer = BertTokenizer(vocab=name_or_path, do_lower_case=True)
+  elif os.path.isdir(name_or_path):
+    vocab = os.path.join(name_or_path, "vocab.txt")
+    if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")) or not os.path.isfile(vocab):
+      tokenizer = BertTokenizer.from_pretrained(name_or_path, do_lower_case=True)
+    else:
+      tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+  else:
+    tokenizer = BertTokenizer.from_pretrained(name_or_path, do_lower_case=True)
+  check_tokenizer(tokenizer, name_or_path)
+  return tokenizer
+
+
+def check_tokenizer(tokenizer, source: str = "tokenizer") -> None:
+  """Raises if the tokenizer lost its vocabulary (every word -> [UNK]) or lacks [CLS]."""
+  vocab = tokenizer.get_vocab()
+  specials = set(tokenizer.all_special_tokens)
+  word = "the" if "the" in vocab else next(
+      (w for w in sorted(vocab, key=vocab.get) if w.isalpha() and w not in specials), None)
+  if word is None:
+    raise ValueError(f"Tokenizer from {source!r} has no ordinary words in its vocabulary "
+                     f"({len(vocab)} entries): was the vocab file read? Load a vocab file "
+                     f"with BertTokenizer(vocab=path), not vocab_file=.")
+  ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))
+  if ids == [tokenizer.unk_token_id] or tokenizer.unk_token_id in ids:
+    raise ValueError(f"Tokenizer from {source!r} maps the vocabulary word {word!r} to [UNK]: "
+                     f"the vocabulary was not loaded.")
+  if tokenizer.cls_token_id is None or tokenizer.cls_token_id == tokenizer.unk_token_id:
+    raise ValueError(f"Tokenizer from {source!r} has no [CLS] token.")
+
+
+class CaptionEncoder:
+  """Cleans and tokenizes captions into fixed-length id and mask arrays (picklable, so
+  Grain worker processes can run it)."""
+
+  def __init__(self, tokenizer, max_len: int, add_sep: bool = False):
+    if max_len < 2:
+      raise ValueError(f"max_len={max_len} leaves no room for a token after [CLS]")
+    self.tokenizer = tokenizer
+    self.max_len = int(max_len)
+    self.add_sep = add_sep
+
+  def _layout(self, token_ids: Sequence[int]) -> list[int]:
+    room = self.max_len - 1 - int(self.add_sep)
+    ids = [self.tokenizer.cls_token_id] + list(token_ids[:room])
+    if self.add_sep:
+      ids.append(self.tokenizer.sep_token_id)
+    return ids
+
+  def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """int32 `input_ids [N, max_len]` and `attention_mask [N, max_len]`."""
+    cleaned = [clean_caption(c) for c in captions]
+    input_ids = np.full((len(cleaned), self.max_len), PAD_ID, np.int32)
+    mask = np.zeros((len(cleaned), self.max_len), np.int32)
+    if not cleaned:
+      return input_ids, mask
+    room = self.max_len - 1 - int(self.add_sep)
+    tokenized = self.tokenizer(cleaned, add_special_tokens=False, truncation=True,
+                               max_length=room)["input_ids"]
+    for i, token_ids in enumerate(tokenized):
+      ids = self._layout(token_ids)
+      input_ids[i, :len(ids)] = ids
+      mask[i, :len(ids)] = 1
+    return input_ids, mask
+
+  def __call__(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+    """int32 `input_ids [max_len]` and `attention_mask [max_len]` of one caption."""
+    input_ids, mask = self.encode_batch([caption])
+    return input_ids[0], mask[0]
