@@ -1,0 +1,114 @@
+"""Fields every recipe shares, and the `:tiny` argument that shrinks any recipe.
+
+A recipe's `get_config(arg)` builds on `base_config()`; `arg` is a comma-separated list:
+  tiny             the tiniest model (vision 'test/16' at 32 px, text 'test'), 2 frames,
+                   batch 4, a few steps, synthetic demo data unless data_root is set:
+                   for tests and quick local runs of any recipe.
+  mode=<fusion>    fusion mode: v2t | t2v2t | t2v2t_naive | joint.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from input_pipeline.config import corpus_config, data_config
+from t2v2t_jax.models.config import model_config
+from t2v2t_jax.training.optimizer import optimizer_config
+
+SYNTHETIC_DEFAULT_ROOT = "data/synthetic"
+
+
+def parse_arg(arg: str | None) -> dict:
+  out = {}
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    out[key] = value if value else True
+  unknown = set(out) - {"tiny", "mode"}
+  if unknown:
+    raise ValueError(f"Unknown config argument(s) {sorted(unknown)}; use 'tiny' and/or 'mode=<fusion>'.")
+  return out
+
+
+def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data_root = "data"                 # every corpus path below is relative to this folder
+  c.model = model_config(vision, text, fusion_mode)
+  c.data = data_config()
+  c.optimizer = optimizer_config()
+  c.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0))
+  c.batch_size = 512                   # global batch (all devices, all hosts)
+  c.num_frames = 4                     # training frames
+  c.total_steps = 0                    # 0: optimizer.epochs x steps per epoch
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
+  c.multihost = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.eval_every = 0                     # 0: evaluate only at the end of training
+  c.init_from = ""                     # a run's workdir / checkpoint folder, or a VindLU .pth
+  c.pretrained = ml_collections.ConfigDict(dict(beit="", bert=""))  # Hugging Face names or folders
+
+  c.synthetic = ml_collections.ConfigDict(dict(create_if_missing=False))
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.corpora_enabled = True        # evaluate config.data.eval_corpora
+  c.eval.num_frames = 4                # inference frames: explicit, printed with the results
+  c.eval.k = 128                       # candidates reranked per query
+  c.eval.rerank_batch_size = 128       # pairs per device step
+  c.eval.video_batch_size = 32
+  c.eval.text_batch_size = 256
+  c.eval.alpha = 0.0                   # final = itm + alpha * stage-1 similarity (0: VindLU)
+  c.eval.token_cache = "memory"        # 'memory' | 'disk' (memory-mapped under the workdir)
+  return c
+
+
+def synthetic_corpora(config, root_ref) -> None:
+  """Point the data config at the synthetic dataset (created by `input_pipeline.synthetic`)."""
+  config.data.train_corpora = [corpus_config("synthetic_train", root_ref + "/train.json", root_ref)]
+  config.data.eval_corpora = [corpus_config("synthetic_test", root_ref + "/test.json", root_ref)]
+  config.data.tokenizer = root_ref + "/vocab.txt"
+  # Created on first use if the folder holds no dataset yet (see run_setup.prepare_data).
+  config.synthetic = ml_collections.ConfigDict(dict(
+      create_if_missing=True, num_train=64, num_val=16, num_test=16, size=32, fps=8,
+      num_frames=8, seed=0))
+
+
+def apply_tiny(config) -> None:
+  """Shrink any recipe to the tiniest model on synthetic data: seconds per step on a CPU."""
+  mode = config.model.fusion.mode
+  config.model = model_config("test/16", "test", mode)
+  config.model.vision.image_size = 32
+  config.model.text.vocab_size = 512
+  config.model.vision.num_frames = 2
+  config.num_frames = 2
+  config.eval.num_frames = 2
+  config.batch_size = 4
+  config.total_steps = 2
+  config.log_every = 1
+  config.checkpoint_every = 2
+  config.eval.k = 4
+  config.eval.rerank_batch_size = 8
+  config.eval.video_batch_size = 4
+  config.eval.text_batch_size = 8
+  config.data_root = SYNTHETIC_DEFAULT_ROOT
+  synthetic_corpora(config, config.get_ref("data_root"))
+  config.data.max_len = 16
+  config.data.num_workers = 0
+  config.data.failure_min_samples = 1000
+  config.pretrained.beit = ""
+  config.pretrained.bert = ""
+  config.init_from = ""
+
+
+def finalize(config, arg: str | None):
+  args = parse_arg(arg)
+  if "mode" in args:
+    config.model.fusion.mode = args["mode"]
+  if args.get("tiny"):
+    apply_tiny(config)
+  return config

@@ -1,0 +1,61 @@
+r"""Train, evaluate or search with a recipe config.
+
+  python main.py --config configs/demo.py --workdir runs/demo
+  python main.py --config configs/didemo_ft.py --workdir runs/didemo --mode eval
+  python main.py --config configs/msrvtt_ft.py:tiny --workdir /tmp/t --config.optimizer.lr=3e-5
+
+Any config field can be overridden with --config.<field>=<value>; the config is locked,
+so a misspelt field fails at once and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval", "search"],
+                          "train: train only; eval: evaluate the latest checkpoint (or "
+                          "--config.init_from); train_and_eval: train, then evaluate; search: "
+                          "rank videos for --query.")
+_QUERY = flags.DEFINE_string("query", None, "Text query for --mode search.")
+_VIDEOS = flags.DEFINE_string("videos", None, "Folder of videos for --mode search (default: the "
+                              "test split of the config's first eval corpus).")
+_TOP = flags.DEFINE_integer("top", 5, "Results shown by --mode search.")
+_EXPLAIN = flags.DEFINE_bool("explain", False, "--mode search: write a PNG per top result "
+                             "showing how much each frame's T2V attention went to the text.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here so that `--help` and flag errors come back without loading JAX.
+  from t2v2t_jax.training import run_setup  # noqa: PLC0415
+
+  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  logging.set_verbosity(logging.WARNING)
+  run_setup.maybe_initialize_distributed(config)
+  run_setup.prepare_data(config)
+  run_setup.check_config(config, mode)  # fails before any compilation
+
+  if mode in ("train", "train_and_eval"):
+    from t2v2t_jax.training import train  # noqa: PLC0415
+    train.train_and_evaluate(config, workdir, evaluate_at_end=mode == "train_and_eval")
+  elif mode == "eval":
+    from t2v2t_jax.evaluation import evaluate  # noqa: PLC0415
+    evaluate.evaluate_checkpoint(config, workdir)
+  else:
+    if not _QUERY.value:
+      raise app.UsageError("--mode search needs --query")
+    from t2v2t_jax.evaluation import search  # noqa: PLC0415
+    search.search(config, workdir, _QUERY.value, videos=_VIDEOS.value, top=_TOP.value,
+                  explain=_EXPLAIN.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,192 @@
+"""Two-stage text-video retrieval (SPEC 5).
+
+Stage 1 embeds every video (per-frame projected features) and every text, and scores
+pairs by the mean over frames of cosine similarities. Stage 2 reranks each query's top-k
+candidates with the matching head on the fusion encoder's output, in both directions.
+
+Reranking is organised by video: the union of the text->video and video->text top-k
+pairs is sorted by video, so each video's tokens travel to the device once per batch of
+its pairs, and a pair wanted by both directions is scored once. For `t2v2t` the T2V
+block depends on the text, so it is recomputed for every pair (inside `fuse`).
+Video tokens are kept on the host in float16 (or in a memory-mapped file for very long
+corpora such as ActivityNet at 32 frames), never all on the device at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from t2v2t_jax.evaluation import metrics as metrics_lib
+from t2v2t_jax.progress import Progress
+from t2v2t_jax.training import sharding as sharding_lib
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host) global array as one numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+  if x.shape[0] == n:
+    return x
+  pad = np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)
+  return np.concatenate([x, pad], axis=0)
+
+
+class RetrievalEvaluator:
+  """Embeds, scores and reranks a corpus with a model given as (graphdef, params)."""
+
+  def __init__(self, graphdef, mesh, *, k: int = 128, rerank_batch_size: int = 128,
+               text_batch_size: int = 256, alpha: float = 0.0, token_cache_dir: str | None = None,
+               progress: bool = True):
+    self.graphdef, self.mesh = graphdef, mesh
+    self.k, self.alpha = int(k), float(alpha)
+    n_dev = mesh.size
+    # Every batch sent to the device is a multiple of the device count.
+    self.rerank_batch_size = max(n_dev, (int(rerank_batch_size) // n_dev) * n_dev)
+    self.text_batch_size = max(n_dev, (int(text_batch_size) // n_dev) * n_dev)
+    self.token_cache_dir = token_cache_dir
+    self.progress = progress
+    self.batch_sharding = sharding_lib.batch_sharding(mesh)
+    model = lambda params: nnx.merge(graphdef, params)
+
+    def encode_video(params, frames):
+      m = model(params)
+      pooled, tokens, _ = m.encode_video(frames)
+      return m.video_embedding(pooled), tokens.astype(jnp.float16)
+
+    def encode_text(params, ids, mask):
+      m = model(params)
+      hidden, _ = m.encode_text(ids, mask)
+      return m.text_embedding(hidden), hidden
+
+    def score_pairs(params, text_hidden, text_mask, video_tokens):
+      m = model(params)
+      fused, _ = m.fuse(text_hidden, text_mask, video_tokens.astype(m.dtype or jnp.float32))
+      return m.itm_logits(fused)[:, 1]
+
+    self._encode_video = jax.jit(encode_video)
+    self._encode_text = jax.jit(encode_text)
+    self._score_pairs = jax.jit(score_pairs)
+
+  def _put(self, *arrays):
+    """Host arrays that are identical on every process -> global arrays split over devices."""
+    return [jax.make_array_from_callback(a.shape, self.batch_sharding, lambda idx, a=a: a[idx])
+            for a in arrays]
+
+  def _put_local(self, *arrays):
+    """Each process's own rows -> one global array (multi-host evaluation of videos)."""
+    return [jax.make_array_from_process_local_data(self.batch_sharding, a) for a in arrays]
+
+  # -- stage 1 --------------------------------------------------------------------------
+  def embed_videos(self, params, data):
+    """Per-frame embeddings [Nv,T,E] and fusion tokens [Nv,T,N,D] (float16) of every video.
+
+    `data.videos` yields batches of this process's videos (`frames`, `video_idx`, `valid`);
+    each process's batch size must be a multiple of its local device count.
+    """
+    video_emb, tokens = None, None
+    with Progress(data.num_videos, "embed videos", enabled=self.progress) as bar:
+      for batch in data.videos:
+        frames, index, valid = (np.asarray(batch[k]) for k in ("frames", "video_idx", "valid"))
+        emb, tok = self._encode_video(params, *self._put_local(frames))
+        emb, tok = to_host(emb), to_host(tok)
+        index, valid = to_host(self._put_local(index)[0]), to_host(self._put_local(valid)[0])
+        keep = valid.astype(bool)
+        if video_emb is None:
+          video_emb = np.zeros((data.num_videos,) + emb.shape[1:], np.float32)
+          tokens = self._token_store((data.num_videos,) + tok.shape[1:])
+        video_emb[index[keep]] = emb[keep]
+        tokens[index[keep]] = tok[keep]
+        bar.update(int(keep.sum()))
+    return video_emb, tokens
+
+  def _token_store(self, shape):
+    if self.token_cache_dir:
+      os.makedirs(self.token_cache_dir, exist_ok=True)
+      path = os.path.join(self.token_cache_dir, "video_tokens.npy")
+      return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    return np.zeros(shape, np.float16)
+
+  def embed_texts(self, params, data):
+    n = data.input_ids.shape[0]
+    bs = self.text_batch_size
+    embs, hiddens = [], []
+    with Progress(n, "embed texts", enabled=self.progress) as bar:
+      for start in range(0, n, bs):
+        ids = data.input_ids[start:start + bs]
+        mask = data.attention_mask[start:start + bs]
+        b = ids.shape[0]
+        padded = -(-b // self.mesh.size) * self.mesh.size
+        emb, hidden = self._encode_text(params, *self._put(_pad_to(ids, padded), _pad_to(mask, padded)))
+        embs.append(to_host(emb)[:b])
+        hiddens.append(to_host(hidden)[:b])
+        bar.update(b)
+    return np.concatenate(embs), np.concatenate(hiddens)
+
+  # -- stage 2 --------------------------------------------------------------------------
+  def candidate_pairs(self, sim_v2t: np.ndarray):
+    """Union of both directions' top-k pairs as (video, text) arrays sorted by video."""
+    nv, nt = sim_v2t.shape
+    k_t2v, k_v2t = min(self.k, nv), min(self.k, nt)
+    # Stable sorts on the negated scores: ties keep index order, as the metrics do.
+    top_v_for_t = np.argsort(-sim_v2t.T, axis=1, kind="stable")[:, :k_t2v]  # [Nt, k]
+    top_t_for_v = np.argsort(-sim_v2t, axis=1, kind="stable")[:, :k_v2t]    # [Nv, k]
+    pairs = np.concatenate([
+        np.stack([top_v_for_t.reshape(-1), np.repeat(np.arange(nt), k_t2v)], 1),
+        np.stack([np.repeat(np.arange(nv), k_v2t), top_t_for_v.reshape(-1)], 1)])
+    pairs = np.unique(pairs, axis=0)  # sorted by video, then text
+    return pairs, top_v_for_t, top_t_for_v
+
+  def score_candidates(self, params, pairs, text_hidden, text_mask, video_tokens):
+    scores = np.zeros(len(pairs), np.float32)
+    bs = self.rerank_batch_size
+    with Progress(len(pairs), "rerank pairs", enabled=self.progress) as bar:
+      for start in range(0, len(pairs), bs):
+        chunk = pairs[start:start + bs]
+        b = len(chunk)
+        vids, txts = _pad_to(chunk[:, 0], bs), _pad_to(chunk[:, 1], bs)
+        out = self._score_pairs(params, *self._put(text_hidden[txts], text_mask[txts],
+                                                   np.asarray(video_tokens[vids])))
+        scores[start:start + b] = to_host(out)[:b]
+        bar.update(b)
+    return scores
+
+  def evaluate(self, params, data, *, num_frames: int | None = None) -> dict:
+    video_emb, video_tokens = self.embed_videos(params, data)
+    text_emb, text_hidden = self.embed_texts(params, data)
+    # Mean over frames of per-frame cosine similarity: [Nv, Nt].
+    sim_v2t = np.einsum("vfe,te->vt", video_emb, text_emb) / video_emb.shape[1]
+    pairs, top_v_for_t, top_t_for_v = self.candidate_pairs(sim_v2t)
+    pair_scores = self.score_candidates(params, pairs, text_hidden, data.attention_mask, video_tokens)
+    nv, nt = sim_v2t.shape
+    # `pairs` is sorted by (video, text), so a pair's score is found by binary search.
+    pair_keys = pairs[:, 0] * nt + pairs[:, 1]
+
+    def lookup(videos, texts):
+      return pair_scores[np.searchsorted(pair_keys, videos * nt + texts)]
+
+    t2v = np.full((nt, nv), -100.0, np.float32)
+    rows = np.repeat(np.arange(nt), top_v_for_t.shape[1])
+    cols = top_v_for_t.reshape(-1)
+    t2v[rows, cols] = lookup(cols, rows) + self.alpha * sim_v2t[cols, rows]
+    v2t = np.full((nv, nt), -100.0, np.float32)
+    rows = np.repeat(np.arange(nv), top_t_for_v.shape[1])
+    cols = top_t_for_v.reshape(-1)
+    v2t[rows, cols] = lookup(rows, cols) + self.alpha * sim_v2t[rows, cols]
+
+    results = metrics_lib.retrieval_metrics(sim_v2t.T, sim_v2t, data.txt2vid, data.vid2txt,
+                                            prefix="emb_")
+    results.update(metrics_lib.retrieval_metrics(t2v, v2t, data.txt2vid, data.vid2txt))
+    if num_frames is not None:
+      results["num_frames"] = int(num_frames)
+    results["num_videos"], results["num_texts"], results["k"] = int(nv), int(nt), self.k
+    return results

@@ -1,0 +1,105 @@
+"""The whole T2V2T (and VindLU) model: video encoder, text encoder, fusion encoder, heads.
+
+The fusion mode (`config.fusion.mode`) selects VindLU's one-way `v2t` fusion, the paper's
+`t2v2t` with bypass cross-attention, the naive T2V2T ablation, or joint self-attention.
+Everything else (encoders, projections, heads, temperature) is shared by all modes, so a
+VindLU checkpoint loads into any of them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from t2v2t_jax.models import layers
+from t2v2t_jax.models.config import validate_model_config
+from t2v2t_jax.models.fusion import FusionEncoder
+from t2v2t_jax.models.text_encoder import TextEncoder
+from t2v2t_jax.models.vision_encoder import VideoEncoder
+
+
+def normalize_frames(frames, dtype=jnp.float32):
+  """uint8 [.., 3] -> (x / 255 - 0.5) / 0.5 on the device (SPEC 6)."""
+  x = frames.astype(jnp.float32) / 255.0
+  return ((x - 0.5) / 0.5).astype(dtype)
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+class T2V2T(nnx.Module):
+  """Video-text retrieval model.
+
+  Attributes:
+    vision_encoder: BEiT video encoder (per-frame pooled features and tokens).
+    vision_layernorm: new LayerNorm over the last vision hidden state (fusion input).
+    text_encoder: BERT layers 0..fusion_layer-1 and the tied MLM head.
+    fusion_encoder: BERT layers fusion_layer.. with cross-attention, T2V blocks per mode.
+    vision_proj, text_proj: 256-d projections for the contrastive loss.
+    itm_head: 2-way matching head on the fusion [CLS].
+    temp: contrastive temperature (clamped to [temp_min, temp_max] every step).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    validate_model_config(config)
+    self.config = config
+    dtype = layers.as_dtype(config.dtype)
+    self.dtype = dtype
+    common = dict(dtype=dtype, remat=config.remat, attention_impl=config.attention_impl)
+    self.vision_encoder = VideoEncoder(config.vision, rngs=rngs, **common)
+    self.vision_layernorm = layers.layer_norm(config.vision.width, eps=config.vision.layer_norm_eps,
+                                              dtype=dtype, rngs=rngs)
+    self.text_encoder = TextEncoder(config.text, rngs=rngs, **common)
+    self.fusion_encoder = FusionEncoder(config, rngs=rngs, **common)
+    self.vision_proj = layers.linear(config.vision.width, config.embed_dim, rngs=rngs)
+    self.text_proj = layers.linear(config.text.width, config.embed_dim, rngs=rngs)
+    self.itm_head = layers.linear(config.text.width, 2, rngs=rngs)
+    self.temp = nnx.Param(jnp.asarray(config.temp_init, jnp.float32))
+
+  # -- encoders ---------------------------------------------------------------------------
+  def encode_video(self, frames, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    """uint8 (or already normalised float) frames [B,T,H,W,3] -> (pooled, tokens, aux)."""
+    x = normalize_frames(frames, self.dtype or jnp.float32) if frames.dtype == jnp.uint8 else frames
+    last_hidden, pooled, aux = self.vision_encoder(x, deterministic=deterministic, rngs=rngs)
+    tokens = self.vision_layernorm(last_hidden)
+    return pooled, tokens, aux
+
+  def encode_text(self, input_ids, attention_mask, *, deterministic: bool = True,
+                  rngs: nnx.Rngs | None = None):
+    return self.text_encoder(input_ids, attention_mask, deterministic=deterministic, rngs=rngs)
+
+  def fuse(self, text_hidden, text_mask, video_tokens, *, deterministic: bool = True,
+           rngs: nnx.Rngs | None = None, return_aux: bool = False):
+    return self.fusion_encoder(text_hidden, text_mask, video_tokens, deterministic=deterministic,
+                               rngs=rngs, return_aux=return_aux)
+
+  # -- heads ------------------------------------------------------------------------------
+  def video_embedding(self, pooled):
+    """Per-frame projected, L2-normalised features [B,T,E] (VTC uses the mean of cosines)."""
+    return l2_normalize(self.vision_proj(pooled))
+
+  def text_embedding(self, text_hidden):
+    """Projected, L2-normalised [CLS] feature of the text encoder's last layer [B,E]."""
+    return l2_normalize(self.text_proj(text_hidden[:, 0]))
+
+  def itm_logits(self, fused):
+    return self.itm_head(fused[:, 0]).astype(jnp.float32)
+
+  def mlm_logits(self, fused):
+    return self.text_encoder.mlm_logits(fused).astype(jnp.float32)
+
+  def clamped_temp(self):
+    return jnp.clip(self.temp[...], self.config.temp_min, self.config.temp_max)
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> T2V2T:
+  return T2V2T(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> T2V2T:
+  """The model with ShapeDtypeStruct leaves (no memory): for counting and sharding plans."""
+  return nnx.eval_shape(lambda: create_model(config))

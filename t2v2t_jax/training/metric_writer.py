@@ -1,0 +1,76 @@
+"""Metrics to TensorBoard (tensorboardX: no TensorFlow), a JSONL file and the console.
+
+Only process 0 writes, so multi-host runs log once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def _scalar(v):
+  v = np.asarray(v)
+  return float(v) if v.size == 1 else None
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # protobuf only, no TensorFlow
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, metrics: dict, *, prefix: str = ""):
+    if not self.enabled:
+      return
+    row = {"step": int(step), "time": time.time()}
+    for k, v in metrics.items():
+      s = _scalar(v) if not isinstance(v, (int, float)) else float(v)
+      if s is None:
+        continue
+      row[prefix + k] = s
+      self._tb.add_scalar(prefix + k, s, int(step))
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+
+  def flush(self):
+    if self.enabled:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def console_line(step, total_steps, metrics, samples_per_sec, eta_seconds, failures=None) -> str:
+  parts = [f"step {step}/{total_steps}"]
+  for key in ("loss", "loss_vtc", "loss_vtm", "loss_mlm"):
+    if key in metrics:
+      parts.append(f"{key} {float(metrics[key]):.4f}")
+  if "lr" in metrics:
+    parts.append(f"lr {float(metrics['lr']):.2e}")
+  parts.append(f"{samples_per_sec:.1f} samples/s")
+  parts.append(f"eta {format_duration(eta_seconds)}")
+  if failures:
+    parts.append(f"bad data {failures}")
+  return " | ".join(parts)

@@ -1,0 +1,97 @@
+"""Run-level setup shared by training and evaluation: config checks before any work,
+multi-host initialisation, tokenizer, step counts."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from input_pipeline import text as text_lib
+from t2v2t_jax.models.config import validate_model_config
+
+DATA_HELP = "see README.md, section 'Preparing data'"
+
+
+def maybe_initialize_distributed(config) -> None:
+  """`jax.distributed.initialize()` when the config asks for multi-host (once per process)."""
+  mh = config.get("multihost", None)
+  if not mh or not mh.get("enabled", False):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  for key in ("coordinator_address", "num_processes", "process_id"):
+    value = mh.get(key, None)
+    if value not in (None, "", -1):
+      kwargs[key] = value
+  jax.distributed.initialize(**kwargs)
+
+
+def prepare_data(config) -> None:
+  """Creates the synthetic dataset at `data_root` if the config asks for it and it is absent."""
+  syn = config.get("synthetic", None)
+  if not syn or not syn.get("create_if_missing", False):
+    return
+  root = config.data_root
+  if os.path.isfile(os.path.join(root, "train.json")):
+    return
+  # Other hosts wait at the barrier below until process 0 has written the files.
+  if jax.process_index() == 0:
+    from input_pipeline import synthetic  # noqa: PLC0415
+    print(f"Creating the synthetic dataset in {root} ...", flush=True)
+    synthetic.generate_dataset(root, num_train=syn.num_train, num_val=syn.num_val,
+                               num_test=syn.num_test, seed=syn.seed, size=syn.size, fps=syn.fps,
+                               num_frames=syn.num_frames)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("synthetic dataset ready")
+
+
+def check_config(config, mode: str) -> None:
+  """Everything that can be checked before compiling: fields, data files, media roots."""
+  validate_model_config(config.model)
+  if config.batch_size <= 0:
+    raise ValueError(f"batch_size={config.batch_size} must be positive")
+  corpora = []
+  if mode in ("train", "train_and_eval"):
+    if not config.data.train_corpora:
+      raise ValueError("config.data.train_corpora is empty: nothing to train on")
+    corpora += list(config.data.train_corpora)
+  if mode in ("eval", "train_and_eval"):
+    corpora += list(config.data.eval_corpora)
+  for corpus in corpora:
+    for key in ("anno_file", "media_root"):
+      path = corpus[key]
+      exists = os.path.isfile(path) if key == "anno_file" else os.path.isdir(path)
+      if not exists:
+        raise FileNotFoundError(
+            f"{key} of corpus {corpus['name']!r} not found: {path} ({DATA_HELP}; set "
+            f"--config.data_root to the folder that holds your data)")
+
+
+def save_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_tokenizer(config):
+  return text_lib.load_tokenizer(config.data.tokenizer)
+
+
+def special_token_ids(tokenizer, model_vocab_size: int) -> dict:
+  if len(tokenizer) > model_vocab_size:
+    raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
+                     f"{model_vocab_size}; raise model.text.vocab_size.")
+  return {"cls": int(tokenizer.cls_token_id), "pad": int(tokenizer.pad_token_id),
+          "mask": int(tokenizer.mask_token_id), "vocab_size": int(model_vocab_size)}
+
+
+def total_steps(config, steps_per_epoch_: int) -> int:
+  """Optimizer updates of the run: `config.total_steps` if set, else epochs x steps/epoch."""
+  accum = int(config.optimizer.grad_accum_steps or 1)
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  return max(1, int(round(config.optimizer.epochs * steps_per_epoch_ / accum)))

@@ -1,0 +1,144 @@
+"""The training run, top to bottom: logging, mesh, data, model, checkpoint, train loop.
+
+One linear function (`train_and_evaluate`) in banner-commented sections, so a reader
+follows a run in order. Resume order (first that applies):
+  1. the latest checkpoint in `workdir/checkpoints` (model, optimizer, step, RNG, data
+     iterator: the run continues exactly where it stopped);
+  2. `config.init_from`: another run's workdir/checkpoint folder or a VindLU `.pth`
+     (parameters only; temporal embeddings resized by SPEC's rule);
+  3. `config.pretrained.beit` / `config.pretrained.bert`: Hugging Face weights;
+  4. from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from input_pipeline import bad_data
+from input_pipeline import pipeline as pipeline_lib
+from t2v2t_jax.training import checkpointing
+from t2v2t_jax.training import initialization
+from t2v2t_jax.training import metric_writer as writer_lib
+from t2v2t_jax.training import optimizer as optimizer_lib
+from t2v2t_jax.training import run_setup
+from t2v2t_jax.training import sharding as sharding_lib
+from t2v2t_jax.training import train_state as state_lib
+
+MODEL_BATCH_KEYS = ("frames", "input_ids", "attention_mask", "video_idx")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) -> dict:
+  """Trains `config` in `workdir`; returns the final evaluation results (if any)."""
+  # ------------------------------------------------------------------ Set up logging
+  run_setup.maybe_initialize_distributed(config)
+  os.makedirs(workdir, exist_ok=True)
+  writer = writer_lib.MetricWriter(workdir)
+  run_setup.save_config(config, workdir)
+  is_main = jax.process_index() == 0
+
+  # ------------------------------------------------------------------ Mesh
+  mesh = sharding_lib.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+
+  # ------------------------------------------------------------------ Input pipeline
+  tokenizer = run_setup.load_tokenizer(config)
+  special_ids = run_setup.special_token_ids(tokenizer, config.model.text.vocab_size)
+  train_ds = pipeline_lib.make_train_dataset(
+      config.data, tokenizer=tokenizer, global_batch_size=config.batch_size,
+      num_frames=config.num_frames, image_size=config.model.vision.image_size, seed=config.seed)
+  steps_per_epoch = pipeline_lib.train_steps_per_epoch(config.data, config.batch_size)
+  total_updates = run_setup.total_steps(config, steps_per_epoch)
+  accum = int(config.optimizer.grad_accum_steps or 1)
+  total_micro_steps = total_updates * accum
+  data_iter = iter(train_ds)
+
+  # ------------------------------------------------------------------ Create model & optimizer
+  tx = optimizer_lib.make_optimizer(config.optimizer, total_updates)
+  schedule = optimizer_lib.make_schedule(config.optimizer, total_updates)
+  abstract = state_lib.abstract_state(config.model, tx, config.seed)
+  shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  graphdef = state_lib.model_graphdef(config.model)
+  train_step = state_lib.jit_train_step(
+      state_lib.make_train_step(
+          graphdef, tx, loss_weights=config.loss_weights, special_ids=special_ids,
+          temp_bounds=(config.model.temp_min, config.model.temp_max),
+          lr_schedule=lambda s: schedule(s // accum)),
+      shardings, mesh)
+
+  # ------------------------------------------------------------------ Load checkpoint
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+  state, source = initialization.initial_state(
+      config, ckpt=ckpt, abstract=abstract, shardings=shardings, tx=tx, data_iter=data_iter)
+  start_step = int(state["step"])
+  logging.info("Starting at step %d (%s); %d steps in all, %d per epoch",
+               start_step, source, total_micro_steps, steps_per_epoch)
+  if is_main:
+    print(f"Starting at step {start_step}/{total_micro_steps} ({source})", flush=True)
+
+  # ------------------------------------------------------------------ Train loop
+  failures = bad_data.FailureTracker.from_config(config.data)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  step = start_step
+  t_last, step_last = time.perf_counter(), step
+  last_metrics = None
+  while step < total_micro_steps:
+    local = next(data_iter)
+    failures.update(local)
+    batch = pipeline_lib.global_batch(local, mesh, sharding_lib.DATA_AXES, keys=MODEL_BATCH_KEYS)
+    state, metrics = train_step(state, batch)
+    step += 1
+    # Check the previous step's loss (already computed) so the host does not stall.
+    if last_metrics is not None:
+      _check_finite(last_metrics, step - 1)
+    last_metrics = metrics
+
+    if step % config.log_every == 0 or step == total_micro_steps:
+      _check_finite(metrics, step)
+      now = time.perf_counter()
+      rate = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
+      eta = (total_micro_steps - step) * config.batch_size / max(rate, 1e-9)
+      host_metrics = jax.tree.map(np.asarray, metrics)
+      host_metrics.update(failures.counts())
+      writer.write(step, {**host_metrics, "samples_per_sec": rate})
+      if is_main:
+        print(writer_lib.console_line(step, total_micro_steps, host_metrics, rate, eta,
+                                      failures.summary()), flush=True)
+      t_last, step_last = now, step
+
+    if step % config.checkpoint_every == 0 or step == total_micro_steps:
+      _check_finite(metrics, step)  # never overwrite a good checkpoint with a diverged state
+      ckpt.save(step, state, data_iter, force=True)
+
+    if config.eval_every and step % config.eval_every == 0 and step != total_micro_steps:
+      _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
+
+  ckpt.close()
+  results = {}
+  if evaluate_at_end and config.eval.corpora_enabled:
+    results = _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
+  writer.close()
+  return results
+
+
+def _check_finite(metrics, step):
+  loss = float(np.asarray(metrics["loss"]))
+  if not np.isfinite(loss):
+    raise NonFiniteLossError(
+        f"Loss became {loss} at step {step}; stopping. The last good checkpoint is left "
+        f"intact: lower the learning rate or check the data, then rerun the same command to "
+        f"resume from it.")
+
+
+def _run_eval(config, params, graphdef, mesh, tokenizer, workdir, step, writer) -> dict:
+  from t2v2t_jax.evaluation import evaluate as evaluate_lib  # noqa: PLC0415 (keeps import light)
+  return evaluate_lib.evaluate_all(config, params, graphdef, mesh, tokenizer, workdir, step, writer)
