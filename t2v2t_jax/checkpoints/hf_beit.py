@@ -1,0 +1,505 @@
+"""Import Hugging Face BEiT weights into `t2v2t_jax.models.vision_encoder.VideoEncoder`.
+
+Source: a folder with `config.json` and `model.safetensors` (or sharded safetensors with
+an index, or `pytorch_model.bin`), a single weights file, or a hub name such as
+`microsoft/beit-base-patch16-224-pt22k-ft22k` (downloaded with `huggingface_hub`).
+
+Every source key must be either mapped to one of our parameters or listed as dropped
+(`DROPPED_KEY_PATTERNS`); anything else is an error that names the key. Every parameter
+of ours that an image BEiT provides must be present in the source; the temporal blocks
+and the temporal position embedding have no image source and keep their initial values
+(`scale == 0`, zero embedding), listed in the report as newly initialised.
+
+Key layout (Hugging Face "legacy" names, which `save_pretrained` writes; a `beit.` prefix
+for `BeitForImageClassification` and friends; the transformers >= 5 in-memory names
+`layers.{i}.attention.q_proj...` are accepted too):
+
+```
+embeddings.cls_token                                     -> embeddings.cls_token
+embeddings.patch_embeddings.projection.{weight,bias}     -> embeddings.patch_embed.{kernel,bias}   (conv transpose)
+encoder.layer.{i}.attention.attention.{query,key,value}.{weight,bias}
+                                                         -> layers.{i}.attention.{query,key,value}.{kernel,bias}
+encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table
+                                                         -> layers.{i}.relative_position_bias.table (resized if grids differ)
+encoder.relative_position_bias.relative_position_bias_table (shared variant)
+                                                         -> every layers.{i}.relative_position_bias.table
+encoder.layer.{i}.attention.output.dense.*               -> layers.{i}.attention_output.*
+encoder.layer.{i}.layernorm_{before,after}.{weight,bias} -> layers.{i}.layernorm_{before,after}.{scale,bias}
+encoder.layer.{i}.intermediate.dense.*                   -> layers.{i}.ffn.intermediate.*
+encoder.layer.{i}.output.dense.*                         -> layers.{i}.ffn.output.*
+encoder.layer.{i}.lambda_{1,2}                           -> layers.{i}.lambda_{1,2}
+pooler.layernorm.{weight,bias}                           -> pooler_norm.{scale,bias}
+```
+
+The key map is a list of `KeyMapping(source, target, transform)` built per part
+(`beit_embedding_key_map`, `beit_layer_key_map`, `beit_pooler_key_map`) with prefixes as
+arguments, so the VindLU importer reuses it with `vision_encoder.` prefixes and adds its
+temporal keys (the `in_proj_q/k/v` and `temporal_*` transforms exist for that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from t2v2t_jax.checkpoints.params import assign_params, param_shapes
+from t2v2t_jax.models.vision_encoder import (resize_relative_position_table,
+                                             resize_temporal_embedding)
+
+# ----------------------------------------------------------------------------------------
+# Key mapping (reusable by other importers).
+# ----------------------------------------------------------------------------------------
+
+TRANSFORMS = ("copy", "linear", "conv", "rel_pos_table", "in_proj_q", "in_proj_k", "in_proj_v",
+              "temporal_interpolate", "temporal_zero_pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMapping:
+  """One source tensor -> one of our params. A source key may appear in several mappings
+  (a shared relative position table; a packed q/k/v projection)."""
+  source: str
+  target: str
+  transform: str = "copy"
+
+  def __post_init__(self):
+    if self.transform not in TRANSFORMS:
+      raise ValueError(f"unknown transform {self.transform!r} for {self.source!r}")
+
+
+def infer_square_grid(table_rows: int) -> int:
+  """Patch grid side g of a square BEiT relative position table with (2g-1)^2 + 3 rows."""
+  side = math.isqrt(table_rows - 3) if table_rows > 3 else 0
+  if side * side != table_rows - 3 or side % 2 == 0:
+    raise ValueError(f"a relative position table with {table_rows} rows is not (2g-1)^2 + 3 "
+                     "for any grid g; pass the source grid explicitly")
+  return (side + 1) // 2
+
+
+def apply_transform(kind: str, array, *, target_shape: Sequence[int] | None = None,
+                    src_grid=None, dst_grid=None) -> np.ndarray:
+  """Turn a PyTorch-layout source tensor into our layout.
+
+  copy: as is. linear: `[out, in] -> [in, out]`. conv: `[O, I, kh, kw] -> [kh, kw, I, O]`.
+  rel_pos_table: resized from `src_grid` (default: inferred, square) to `dst_grid`
+  (default: inferred from `target_shape`). in_proj_{q,k,v}: the q/k/v third of a packed
+  `nn.MultiheadAttention` `in_proj_weight [3D, D]` (then transposed) or `in_proj_bias [3D]`.
+  temporal_interpolate / temporal_zero_pad: `resize_temporal_embedding` to `target_shape[1]`.
+  """
+  a = np.asarray(array)
+  if kind == "copy":
+    return a
+  if kind == "linear":
+    if a.ndim != 2:
+      raise ValueError(f"linear weight must be 2-D, got shape {a.shape}")
+    return a.T
+  if kind == "conv":
+    if a.ndim != 4:
+      raise ValueError(f"conv weight must be [O, I, kh, kw], got shape {a.shape}")
+    return a.transpose(2, 3, 1, 0)
+  if kind == "rel_pos_table":
+    src = src_grid if src_grid is not None else infer_square_grid(a.shape[0])
+    if dst_grid is None:
+      if target_shape is None:
+        raise ValueError("rel_pos_table needs dst_grid or target_shape")
+      dst_grid = infer_square_grid(target_shape[0])
+    return resize_relative_position_table(a, src, dst_grid)
+  if kind.startswith("in_proj_"):
+    which = "qkv".index(kind[-1])
+    if a.shape[0] % 3:
+      raise ValueError(f"packed in_proj tensor of shape {a.shape} is not 3 x width")
+    n = a.shape[0] // 3
+    part = a[which * n:(which + 1) * n]
+    return part.T if part.ndim == 2 else part
+  if kind in ("temporal_interpolate", "temporal_zero_pad"):
+    if target_shape is None:
+      raise ValueError(f"{kind} needs target_shape")
+    return resize_temporal_embedding(a, int(target_shape[1]), kind[len("temporal_"):])
+  raise ValueError(f"unknown transform {kind!r}")
+
+
+def beit_embedding_key_map(src: str = "embeddings.", dst: str = "embeddings.") -> list[KeyMapping]:
+  """CLS token and patch embedding (no absolute position embedding in our model)."""
+  return [
+      KeyMapping(f"{src}cls_token", f"{dst}cls_token"),
+      KeyMapping(f"{src}patch_embeddings.projection.weight", f"{dst}patch_embed.kernel", "conv"),
+      KeyMapping(f"{src}patch_embeddings.projection.bias", f"{dst}patch_embed.bias"),
+  ]
+
+
+def _linear(src: str, dst: str, bias: bool = True) -> list[KeyMapping]:
+  out = [KeyMapping(f"{src}.weight", f"{dst}.kernel", "linear")]
+  if bias:
+    out.append(KeyMapping(f"{src}.bias", f"{dst}.bias"))
+  return out
+
+
+def _layer_norm(src: str, dst: str) -> list[KeyMapping]:
+  return [KeyMapping(f"{src}.weight", f"{dst}.scale"), KeyMapping(f"{src}.bias", f"{dst}.bias")]
+
+
+def beit_layer_key_map(src: str, dst: str, *, relative_position_table: bool = True
+                       ) -> list[KeyMapping]:
+  """One BEiT layer, e.g. `src='encoder.layer.3.'`, `dst='layers.3.'` (temporal block excluded).
+
+  `relative_position_table=False` leaves the per-layer table out (shared-table checkpoints
+  map `encoder.relative_position_bias...` to every layer instead).
+  """
+  m = []
+  m += _linear(f"{src}attention.attention.query", f"{dst}attention.query")
+  m += _linear(f"{src}attention.attention.key", f"{dst}attention.key", bias=False)
+  m += _linear(f"{src}attention.attention.value", f"{dst}attention.value")
+  if relative_position_table:
+    m.append(KeyMapping(
+        f"{src}attention.attention.relative_position_bias.relative_position_bias_table",
+        f"{dst}relative_position_bias.table", "rel_pos_table"))
+  m += _linear(f"{src}attention.output.dense", f"{dst}attention_output")
+  m += _layer_norm(f"{src}layernorm_before", f"{dst}layernorm_before")
+  m += _layer_norm(f"{src}layernorm_after", f"{dst}layernorm_after")
+  m += _linear(f"{src}intermediate.dense", f"{dst}ffn.intermediate")
+  m += _linear(f"{src}output.dense", f"{dst}ffn.output")
+  m += [KeyMapping(f"{src}lambda_1", f"{dst}lambda_1"), KeyMapping(f"{src}lambda_2", f"{dst}lambda_2")]
+  return m
+
+
+def beit_pooler_key_map(src: str = "pooler.layernorm", dst: str = "pooler_norm") -> list[KeyMapping]:
+  return _layer_norm(src, dst)
+
+
+SHARED_TABLE_KEY = "encoder.relative_position_bias.relative_position_bias_table"
+
+
+def beit_key_map(depth: int, *, src_prefix: str = "", dst_prefix: str = "",
+                 shared_relative_position_bias: bool = False) -> list[KeyMapping]:
+  """The whole image BEiT (embeddings, `depth` layers, pooler) -> our `VideoEncoder`."""
+  m = beit_embedding_key_map(f"{src_prefix}embeddings.", f"{dst_prefix}embeddings.")
+  for i in range(depth):
+    m += beit_layer_key_map(f"{src_prefix}encoder.layer.{i}.", f"{dst_prefix}layers.{i}.",
+                            relative_position_table=not shared_relative_position_bias)
+    if shared_relative_position_bias:
+      m.append(KeyMapping(f"{src_prefix}{SHARED_TABLE_KEY}",
+                          f"{dst_prefix}layers.{i}.relative_position_bias.table", "rel_pos_table"))
+  m += beit_pooler_key_map(f"{src_prefix}pooler.layernorm", f"{dst_prefix}pooler_norm")
+  return m
+
+
+def is_temporal_param(path: str) -> bool:
+  """Our VideoEncoder params that an image checkpoint cannot provide."""
+  return ".temporal." in f".{path}" or path.endswith("temporal_pos_embed")
+
+
+# Keys deliberately not imported. Matched against the key after the `beit.` prefix is
+# removed (`within`) or against the full key (`top`: heads outside the BEiT backbone).
+DROPPED_KEY_PATTERNS_WITHIN = (
+    r"(^|\.)relative_position_index$",   # int buffer, rebuilt from the input grid
+    r"^embeddings\.mask_token$",         # masked image modelling only
+)
+DROPPED_KEY_PATTERNS_TOP = (
+    r"^classifier\.",                    # BeitForImageClassification head
+    r"^lm_head\.",                       # BeitForMaskedImageModeling head
+    r"^(fpn[1-4]|decode_head|auxiliary_head)\.",  # BeitForSemanticSegmentation heads
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a checkpoint.
+# ----------------------------------------------------------------------------------------
+
+_V5_RENAMES = (  # transformers >= 5 in-memory names -> legacy (on-disk) names
+    (r"^layers\.(\d+)\.relative_position_bias\.",
+     r"encoder.layer.\1.attention.attention.relative_position_bias."),
+    (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+    (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+    (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+    (r"^shared_position_bias\.", "encoder.relative_position_bias."),
+)
+
+
+def legacy_key(key: str, prefix: str = "") -> str:
+  """Map a transformers >= 5 in-memory BEiT key (below `prefix`) to the on-disk name."""
+  if not key.startswith(prefix):
+    return key
+  rest = key[len(prefix):]
+  for pattern, repl in _V5_RENAMES:
+    new, n = re.subn(pattern, repl, rest)
+    if n:
+      return prefix + new
+  return key
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+  out = {}
+  try:
+    with safe_open(path, framework="numpy") as f:
+      for k in f.keys():
+        v = f.get_tensor(k)
+        out[k] = v.astype(np.float32) if v.dtype.name in ("bfloat16", "float16") else v
+  except (TypeError, ValueError):  # e.g. bfloat16 without numpy support: read through JAX
+    from safetensors.flax import load_file
+    out = {k: np.asarray(v.astype("float32") if str(v.dtype) == "bfloat16" else v)
+           for k, v in load_file(path).items()}
+  return out
+
+
+def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
+  import torch  # lazily: only for .bin/.pth checkpoints
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+  out = {}
+  for k, v in sd.items():
+    if not isinstance(v, torch.Tensor):
+      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    v = v.detach().cpu()
+    if v.dtype in (torch.bfloat16, torch.float16):
+      v = v.to(torch.float32)
+    out[k] = v.numpy()
+  return out
+
+
+def _load_weights_file(path: str) -> dict[str, np.ndarray]:
+  if path.endswith(".index.json"):
+    with open(path) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    folder = os.path.dirname(path)
+    out = {}
+    for shard in shards:
+      out.update(_load_weights_file(os.path.join(folder, shard)))
+    return out
+  if path.endswith(".safetensors"):
+    return _load_safetensors(path)
+  return _load_torch_bin(path)
+
+
+def _download(name: str) -> str:
+  from huggingface_hub import snapshot_download  # lazily: only for hub names
+  folder = snapshot_download(name, allow_patterns=["config.json", "model.safetensors",
+                                                   "model.safetensors.index.json",
+                                                   "model-*.safetensors"])
+  if not any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES[:2]):
+    folder = snapshot_download(name, allow_patterns=["config.json", "pytorch_model.bin",
+                                                     "pytorch_model.bin.index.json",
+                                                     "pytorch_model-*.bin"])
+  return folder
+
+
+def read_hf_checkpoint(folder_or_name: str) -> tuple[dict | None, dict[str, np.ndarray], str]:
+  """`(config dict or None, {key: numpy array}, description)` of a HF-format checkpoint.
+
+  Accepts a folder (config.json + weights, safetensors preferred), a single weights file
+  (config.json beside it is read if present), or a hub repository name.
+  """
+  path = os.fspath(folder_or_name)
+  if not os.path.exists(path):
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+      raise FileNotFoundError(f"no checkpoint at {path!r}")
+    path = _download(path)
+  if os.path.isdir(path):
+    folder = path
+    weights = next((os.path.join(path, f) for f in WEIGHT_FILES
+                    if os.path.exists(os.path.join(path, f))), None)
+    if weights is None:
+      raise FileNotFoundError(f"{path!r} holds none of {WEIGHT_FILES}")
+  else:
+    folder, weights = os.path.dirname(path), path
+  config = None
+  config_path = os.path.join(folder, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      config = json.load(f)
+  return config, _load_weights_file(weights), weights
+
+
+# ----------------------------------------------------------------------------------------
+# Config and import.
+# ----------------------------------------------------------------------------------------
+
+def _square(value, name: str) -> int:
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise ValueError(f"BEiT config {name}={value!r}: only square sizes are supported")
+    value = value[0]
+  return int(value)
+
+
+def vision_config_from_hf(hf_config: Mapping) -> dict:
+  """Our `model.vision` architecture fields from a HF BEiT `config.json` dict.
+
+  Returns width, depth, num_heads, mlp_dim, patch_size, image_size (the checkpoint's
+  training resolution), layer_norm_eps, layer_scale_init. Training choices
+  (drop_path_rate, dropout_rate, num_frames) are left to the recipe. Raises ValueError for
+  BEiT variants this encoder cannot represent.
+  """
+  c = hf_config
+  problems = []
+  if c.get("model_type", "beit") not in ("beit", "data2vec-vision"):
+    problems.append(f"model_type={c.get('model_type')!r} is not a BEiT")
+  if c.get("hidden_act", "gelu") != "gelu":
+    problems.append(f"hidden_act={c.get('hidden_act')!r} (our FFN uses exact GELU)")
+  if c.get("use_absolute_position_embeddings", False):
+    problems.append("use_absolute_position_embeddings=True (our encoder has none)")
+  if not (c.get("use_relative_position_bias", False)
+          or c.get("use_shared_relative_position_bias", False)):
+    problems.append("no relative position bias (use_relative_position_bias and "
+                    "use_shared_relative_position_bias are both false)")
+  if not c.get("use_mean_pooling", True):
+    problems.append("use_mean_pooling=False (our pooler is LayerNorm of the patch-token mean)")
+  if c.get("layer_scale_init_value", 0.1) <= 0:
+    problems.append("layer_scale_init_value <= 0 (no layer scale; ours always has lambdas)")
+  if c.get("num_channels", 3) != 3:
+    problems.append(f"num_channels={c.get('num_channels')} (RGB expected)")
+  if problems:
+    raise ValueError("unsupported BEiT config: " + "; ".join(problems))
+  return dict(
+      width=int(c["hidden_size"]),
+      depth=int(c["num_hidden_layers"]),
+      num_heads=int(c["num_attention_heads"]),
+      mlp_dim=int(c["intermediate_size"]),
+      patch_size=_square(c["patch_size"], "patch_size"),
+      image_size=_square(c["image_size"], "image_size"),
+      layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
+      layer_scale_init=float(c.get("layer_scale_init_value", 0.1)),
+  )
+
+
+class CheckpointMismatchError(ValueError):
+  """Unexpected source keys, missing source keys, or an incompatible architecture."""
+
+
+@dataclasses.dataclass
+class ImportReport:
+  source: str
+  prefix: str
+  loaded: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, ours)
+  dropped: list[str] = dataclasses.field(default_factory=list)
+  new_params: list[str] = dataclasses.field(default_factory=list)
+  resized: list[str] = dataclasses.field(default_factory=list)
+  warnings: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    lines = [f"imported {len(self.loaded)} tensors from {self.source} (prefix {self.prefix!r})",
+             f"dropped {len(self.dropped)} source keys: {', '.join(self.dropped) or '-'}",
+             f"newly initialised {len(self.new_params)} params: {', '.join(self.new_params) or '-'}"]
+    lines += [f"resized: {r}" for r in self.resized]
+    lines += [f"warning: {w}" for w in self.warnings]
+    return "\n".join(lines)
+
+  __str__ = summary
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+  return any(re.search(p, key) for p in patterns)
+
+
+def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
+                   src_grid: int | Sequence[int] | None = None) -> ImportReport:
+  """Load a Hugging Face BEiT checkpoint into `encoder` (a `VideoEncoder`), in place.
+
+  Args:
+    encoder: the VideoEncoder to fill.
+    folder_or_name: folder, weights file or hub name (see `read_hf_checkpoint`).
+    prefix: the source keys' backbone prefix; None detects `'beit.'` (task models) or `''`
+      (`BeitModel`).
+    src_grid: patch grid the relative position tables were trained at; default from
+      config.json (image_size / patch_size), else inferred from the table size.
+
+  Returns:
+    An `ImportReport`. Raises `CheckpointMismatchError` naming every unexpected source
+    key, every missing source key, or an architecture mismatch; parameter shape problems
+    raise `ParamAssignError`. Nothing is written unless all checks pass.
+  """
+  config, tensors, source = read_hf_checkpoint(folder_or_name)
+  report = ImportReport(source=source, prefix="")
+
+  if prefix is None:
+    prefix = "beit." if any(k.startswith("beit.") for k in tensors) else ""
+  report.prefix = prefix
+  # Normalise transformers>=5 in-memory names; remember the original names for messages.
+  original = {}
+  for k in list(tensors):
+    new = legacy_key(k, prefix)
+    if new != k:
+      if new in tensors:
+        raise CheckpointMismatchError(f"source has both {k!r} and {new!r}")
+      tensors[new] = tensors.pop(k)
+      original[new] = k
+
+  shared = any(k == prefix + SHARED_TABLE_KEY for k in tensors)
+  if config is not None:
+    src_cfg = vision_config_from_hf(config)
+    ours = dict(width=encoder.width, depth=encoder.depth, num_heads=encoder.num_heads,
+                mlp_dim=encoder.mlp_dim, patch_size=encoder.patch_size)
+    bad = [f"{k}: checkpoint {src_cfg[k]} vs model {v}" for k, v in ours.items() if src_cfg[k] != v]
+    if bad:
+      raise CheckpointMismatchError(f"{source}: architecture differs: " + "; ".join(bad))
+    if not math.isclose(src_cfg["layer_norm_eps"], encoder.layer_norm_eps, rel_tol=1e-6):
+      report.warnings.append(f"layer_norm_eps: checkpoint {src_cfg['layer_norm_eps']} vs model "
+                             f"{encoder.layer_norm_eps} (model value kept)")
+    shared = shared or bool(config.get("use_shared_relative_position_bias", False))
+    if src_grid is None:
+      src_grid = src_cfg["image_size"] // src_cfg["patch_size"]
+  if src_grid is not None and not isinstance(src_grid, int):
+    src_grid = tuple(int(g) for g in src_grid)
+
+  mapping = beit_key_map(encoder.depth, src_prefix=prefix, shared_relative_position_bias=shared)
+  mapped_sources = {m.source for m in mapping}
+  name = lambda k: original.get(k, k)  # noqa: E731
+
+  unexpected, dropped = [], []
+  for k in sorted(tensors):
+    if k in mapped_sources:
+      continue
+    within = k[len(prefix):] if k.startswith(prefix) else None
+    if (within is not None and _matches(within, DROPPED_KEY_PATTERNS_WITHIN)) or \
+        _matches(k, DROPPED_KEY_PATTERNS_TOP):
+      dropped.append(name(k))
+    else:
+      unexpected.append(name(k))
+  missing = [f"{m.source} (for {m.target})" for m in mapping if m.source not in tensors]
+  problems = []
+  if unexpected:
+    problems.append("unexpected source keys (neither mapped nor dropped): " + ", ".join(unexpected))
+  if missing:
+    problems.append("source keys missing: " + ", ".join(missing))
+  if problems:
+    raise CheckpointMismatchError(f"{source} (prefix {prefix!r}): " + "; ".join(problems))
+
+  shapes = param_shapes(encoder)
+  unmapped = [p for p in shapes if not is_temporal_param(p)
+              and p not in {m.target for m in mapping}]
+  if unmapped:  # a gap in the key map itself
+    raise CheckpointMismatchError("parameters with no BEiT source: " + ", ".join(unmapped))
+
+  updates, names = {}, {}
+  for m in mapping:
+    src = tensors[m.source]
+    if m.target not in shapes:
+      raise CheckpointMismatchError(f"{name(m.source)!r} maps to {m.target!r}, which the model lacks")
+    value = apply_transform(m.transform, src, target_shape=shapes[m.target], src_grid=src_grid,
+                            dst_grid=encoder.grid)
+    if m.transform == "rel_pos_table" and value.shape != src.shape:
+      grid_from = src_grid if src_grid is not None else infer_square_grid(src.shape[0])
+      report.resized.append(f"{name(m.source)}: {tuple(src.shape)} -> {tuple(value.shape)} "
+                            f"(patch grid {grid_from} -> {encoder.grid[0]}, bilinear)")
+    updates[m.target] = value
+    names[m.target] = name(m.source)
+    report.loaded.append((name(m.source), m.target))
+  assign_params(encoder, updates, source_names=names)
+  report.dropped = dropped
+  report.new_params = sorted(p for p in shapes if p not in updates)
+  return report
