@@ -1,0 +1,413 @@
+"""Import Hugging Face BERT weights into the text encoder and the fusion encoder.
+
+Layers 0..fusion_layer-1 go to `TextEncoder.layers`, layers fusion_layer.. to the
+self-attention and FFN parts of `FusionEncoder.layers`; their cross-attention and the T2V
+blocks are new (init normal(0.02), zero bias, gates 0) and listed in the report. The MLM
+head (`cls.predictions.*`) is loaded when the source has one. `pooler.*`,
+`embeddings.position_ids` and the NSP head `cls.seq_relationship.*` are dropped on
+purpose and listed. Any other source key that nothing consumes, and any of our parameters
+that should come from the source but does not, is an error naming it (SPEC 9: a loader
+that silently drops keys evaluates a random model).
+
+The mapping is a table of `Rule(source, target, transform, group)` rows (`bert_rules`):
+`source` is relative to a BertModel (`embeddings.*`, `encoder.layer.{i}.*`) or to the
+MLM head (`cls.predictions.*`); `target` is relative to the T2V2T model
+(`text_encoder.*`, `fusion_encoder.*`), so a VindLU importer can prepend its own source
+prefixes (`text_encoder.bert.`, `text_encoder.`) and reuse the rows unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from t2v2t_jax.checkpoints.params import assign_params, param_shapes
+
+TEXT, FUSION = "text_encoder", "fusion_encoder"
+
+
+class BertImportError(ValueError):
+  """Missing, unexpected or mismatching weights in a BERT import."""
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+  """PyTorch Linear weight [out, in] -> Flax kernel [in, out]."""
+  return np.ascontiguousarray(np.asarray(w).T)
+
+
+class Rule(NamedTuple):
+  source: str        # source key, e.g. 'encoder.layer.3.attention.self.query.weight'
+  target: str        # our path, e.g. 'text_encoder.layers.3.attention.query.kernel'
+  transform: Callable[[np.ndarray], np.ndarray]
+  group: str         # 'required', or an optional group loaded all-or-nothing
+
+
+def _linear(src: str, dst: str, group: str) -> list[Rule]:
+  return [Rule(f"{src}.weight", f"{dst}.kernel", linear_kernel, group),
+          Rule(f"{src}.bias", f"{dst}.bias", identity, group)]
+
+
+def _norm(src: str, dst: str, group: str) -> list[Rule]:
+  return [Rule(f"{src}.weight", f"{dst}.scale", identity, group),
+          Rule(f"{src}.bias", f"{dst}.bias", identity, group)]
+
+
+def embedding_rules() -> list[Rule]:
+  g = "required"
+  return [
+      Rule("embeddings.word_embeddings.weight", f"{TEXT}.embeddings.word_embeddings.embedding", identity, g),
+      Rule("embeddings.position_embeddings.weight", f"{TEXT}.embeddings.position_embeddings.embedding", identity, g),
+      Rule("embeddings.token_type_embeddings.weight", f"{TEXT}.embeddings.token_type_embeddings.embedding", identity, g),
+      *_norm("embeddings.LayerNorm", f"{TEXT}.embeddings.layer_norm", g),
+  ]
+
+
+def layer_rules(src: str, dst: str) -> list[Rule]:
+  """Self-attention + FFN of one BERT layer: `src`='encoder.layer.{i}', `dst`=our layer path."""
+  g = "required"
+  return [
+      *_linear(f"{src}.attention.self.query", f"{dst}.attention.query", g),
+      *_linear(f"{src}.attention.self.key", f"{dst}.attention.key", g),
+      *_linear(f"{src}.attention.self.value", f"{dst}.attention.value", g),
+      *_linear(f"{src}.attention.output.dense", f"{dst}.attention_output.dense", g),
+      *_norm(f"{src}.attention.output.LayerNorm", f"{dst}.attention_output.layer_norm", g),
+      *_linear(f"{src}.intermediate.dense", f"{dst}.ffn.intermediate", g),
+      *_linear(f"{src}.output.dense", f"{dst}.ffn.output", g),
+      *_norm(f"{src}.output.LayerNorm", f"{dst}.ffn_layer_norm", g),
+  ]
+
+
+def cross_attention_rules(src: str, dst: str) -> list[Rule]:
+  """VindLU/ALBEF cross-attention of a fusion layer (absent from plain BERT: optional)."""
+  g = f"{src}.crossattention"
+  return [
+      *_linear(f"{src}.crossattention.self.query", f"{dst}.crossattention.query", g),
+      *_linear(f"{src}.crossattention.self.key", f"{dst}.crossattention.key", g),
+      *_linear(f"{src}.crossattention.self.value", f"{dst}.crossattention.value", g),
+      *_linear(f"{src}.crossattention.output.dense", f"{dst}.crossattention_output.dense", g),
+      *_norm(f"{src}.crossattention.output.LayerNorm", f"{dst}.crossattention_output.layer_norm", g),
+  ]
+
+
+def mlm_rules() -> list[Rule]:
+  g = "cls.predictions"
+  return [
+      *_linear("cls.predictions.transform.dense", f"{TEXT}.mlm_head.dense", g),
+      *_norm("cls.predictions.transform.LayerNorm", f"{TEXT}.mlm_head.layer_norm", g),
+      Rule("cls.predictions.bias", f"{TEXT}.mlm_head.bias", identity, g),
+  ]
+
+
+# Source keys that duplicate another source tensor (our decoder is tied): checked equal.
+TIED_KEYS = {
+    "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+
+# Source key prefixes deliberately not imported, with the reason.
+DROPPED_PREFIXES = {
+    "pooler.": "BERT pooler: unused (the VTC/VTM features are raw [CLS] states, SPEC 2)",
+    "embeddings.position_ids": "buffer, recomputed as arange(L)",
+    "cls.seq_relationship.": "next-sentence-prediction head: unused",
+}
+
+
+def bert_rules(num_text_layers: int, num_fusion_layers: int, *,
+               cross_attention: bool = False, mlm: bool = True) -> list[Rule]:
+  """The full table: BERT layer i < num_text_layers -> text_encoder.layers.i, the next
+  num_fusion_layers -> fusion_encoder.layers.(i - num_text_layers)."""
+  rules = embedding_rules()
+  for i in range(num_text_layers + num_fusion_layers):
+    if i < num_text_layers:
+      dst = f"{TEXT}.layers.{i}"
+    else:
+      dst = f"{FUSION}.layers.{i - num_text_layers}"
+    rules += layer_rules(f"encoder.layer.{i}", dst)
+    if cross_attention and i >= num_text_layers:
+      rules += cross_attention_rules(f"encoder.layer.{i}", dst)
+  if mlm:
+    rules += mlm_rules()
+  return rules
+
+
+# -- reading a Hugging Face folder -----------------------------------------------------------
+
+def resolve_folder(folder_or_name: str) -> str:
+  """A local folder as is; otherwise a hub name fetched with huggingface_hub."""
+  if os.path.isdir(folder_or_name):
+    return folder_or_name
+  try:
+    from huggingface_hub import snapshot_download  # lazy: only for hub names
+  except ImportError as e:
+    raise FileNotFoundError(f"{folder_or_name!r} is not a folder and huggingface_hub is not "
+                            "installed to download it") from e
+  return snapshot_download(folder_or_name, allow_patterns=[
+      "config.json", "model.safetensors", "model.safetensors.index.json",
+      "model-*.safetensors", "pytorch_model.bin"])
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+  import torch  # lazy
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    tensor = tensor.float()
+  return tensor.numpy()
+
+
+def read_hf_bert(folder_or_name: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json as a dict, {source key: numpy array}) from a folder or a hub name.
+
+  Weights: model.safetensors (or its sharded index) read with safetensors.numpy, else
+  pytorch_model.bin via torch.load(weights_only=True).
+  """
+  folder = resolve_folder(folder_or_name)
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"no config.json in {folder}")
+  with open(config_path) as f:
+    hf_config = json.load(f)
+
+  single = os.path.join(folder, "model.safetensors")
+  index = os.path.join(folder, "model.safetensors.index.json")
+  torch_bin = os.path.join(folder, "pytorch_model.bin")
+  if os.path.exists(single) or os.path.exists(index):
+    from safetensors.numpy import load_file
+    if os.path.exists(single):
+      files = [single]
+    else:
+      with open(index) as f:
+        files = sorted({os.path.join(folder, s) for s in json.load(f)["weight_map"].values()})
+    state = {}
+    for path in files:
+      state.update(load_file(path))
+  elif os.path.exists(torch_bin):
+    import torch  # lazy: only for .bin checkpoints
+    loaded = torch.load(torch_bin, map_location="cpu", weights_only=True)
+    state = {k: _torch_to_numpy(v) for k, v in loaded.items()}
+  else:
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+  return hf_config, state
+
+
+def normalize_source_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Strip the `bert.` prefix (BertForMaskedLM/BertForPreTraining) and rename the old
+  TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`; two keys landing on one name is an error."""
+  out = {}
+  for key, value in state.items():
+    new = key[len("bert."):] if key.startswith("bert.") else key
+    if new.endswith(".gamma"):
+      new = new[:-len("gamma")] + "weight"
+    elif new.endswith(".beta"):
+      new = new[:-len("beta")] + "bias"
+    if new in out:
+      raise BertImportError(f"source keys collide after normalisation: {key!r} -> {new!r}")
+    out[new] = value
+  return out
+
+
+# -- config ------------------------------------------------------------------------------------
+
+def text_config_from_hf(hf_config: dict, fusion_layer: int | None) -> dict:
+  """Our `model.text` fields from a Hugging Face BERT config.json.
+
+  `fusion_layer=None` leaves that field out (the caller's config keeps its own).
+  Attention-probability dropout uses our single `dropout_rate` (= hidden_dropout_prob).
+  """
+  model_type = hf_config.get("model_type", "bert")
+  if model_type != "bert":
+    raise BertImportError(f"model_type={model_type!r}: only 'bert' checkpoints are supported")
+  act = hf_config.get("hidden_act", "gelu")
+  if act != "gelu":
+    raise BertImportError(f"hidden_act={act!r}: our BERT layers use exact GELU ('gelu') only")
+  pos = hf_config.get("position_embedding_type", "absolute")
+  if pos != "absolute":
+    raise BertImportError(f"position_embedding_type={pos!r}: only 'absolute' is supported")
+  num_layers = int(hf_config["num_hidden_layers"])
+  out = dict(
+      width=int(hf_config["hidden_size"]),
+      num_layers=num_layers,
+      num_heads=int(hf_config["num_attention_heads"]),
+      mlp_dim=int(hf_config["intermediate_size"]),
+      vocab_size=int(hf_config["vocab_size"]),
+      max_position=int(hf_config.get("max_position_embeddings", 512)),
+      type_vocab_size=int(hf_config.get("type_vocab_size", 2)),
+      dropout_rate=float(hf_config.get("hidden_dropout_prob", 0.1)),
+      layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
+  )
+  if fusion_layer is not None:
+    if not 0 < fusion_layer < num_layers:
+      raise BertImportError(f"fusion_layer={fusion_layer} must be in [1, num_hidden_layers={num_layers})")
+    out["fusion_layer"] = int(fusion_layer)
+  return out
+
+
+# -- import ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ImportReport:
+  """What an import did. Paths are prefixed `text_encoder.` / `fusion_encoder.`."""
+  source: str
+  loaded: dict[str, str]     # our path -> source key
+  new: list[str]             # our params left as initialised (cross-attention, T2V, ...)
+  dropped: dict[str, str]    # source key -> reason
+  tied: dict[str, str]       # source key -> the source key it was checked equal to
+
+  def summary(self) -> str:
+    return (f"BERT import from {self.source}: {len(self.loaded)} tensors loaded, "
+            f"{len(self.new)} new, {len(self.dropped)} source keys dropped "
+            f"({', '.join(sorted(self.dropped)) or 'none'}), {len(self.tied)} tied keys checked")
+
+
+def _expected_new(path: str, has_mlm: bool) -> bool:
+  """Our params that plain BERT does not provide."""
+  owner, rest = path.split(".", 1)
+  if owner == FUSION:
+    parts = rest.split(".")
+    if parts[0] in ("t2v", "t2v_blocks"):
+      return True
+    if parts[0] == "layers" and parts[2].startswith("crossattention"):
+      return True
+  return owner == TEXT and rest.startswith("mlm_head.") and not has_mlm
+
+
+def _check_structure(hf_text: dict, text_encoder, fusion_encoder) -> list[str]:
+  problems = []
+  heads = text_encoder.layers[0].attention.num_heads
+  if heads != hf_text["num_heads"]:
+    problems.append(f"num_attention_heads={hf_text['num_heads']} in the source, {heads} in our model")
+  eps = text_encoder.embeddings.layer_norm.epsilon
+  if not np.isclose(eps, hf_text["layer_norm_eps"], rtol=1e-6, atol=0):
+    problems.append(f"layer_norm_eps={hf_text['layer_norm_eps']} in the source, {eps} in our model")
+  ours = len(text_encoder.layers) + (len(fusion_encoder.layers) if fusion_encoder is not None else 0)
+  if ours > hf_text["num_layers"] or (fusion_encoder is not None and ours != hf_text["num_layers"]):
+    problems.append(f"num_hidden_layers={hf_text['num_layers']} in the source, {ours} in our "
+                    f"model ({len(text_encoder.layers)} text"
+                    + (f" + {len(fusion_encoder.layers)} fusion" if fusion_encoder is not None else "")
+                    + ")")
+  return problems
+
+
+def load_bert_into(text_encoder, fusion_encoder, folder_or_name: str) -> ImportReport:
+  """Load Hugging Face BERT weights in place; returns an ImportReport.
+
+  Args:
+    text_encoder: a TextEncoder (gets the embeddings, layers 0..fusion_layer-1, MLM head).
+    fusion_encoder: a FusionEncoder (gets layers fusion_layer.. self-attention and FFN),
+      or None to import the text encoder only (the remaining source layers are then
+      dropped and listed).
+    folder_or_name: a local folder (config.json + model.safetensors or pytorch_model.bin)
+      or a Hugging Face hub name.
+
+  Raises:
+    BertImportError naming every unexpected source key, every missing one, every
+    shape or structure mismatch; nothing is written unless all checks pass.
+  """
+  hf_config, raw_state = read_hf_bert(folder_or_name)
+  state = normalize_source_keys(raw_state)
+  hf_text = text_config_from_hf(hf_config, None)
+  problems = _check_structure(hf_text, text_encoder, fusion_encoder)
+  if problems:
+    raise BertImportError("BERT checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+
+  num_text = len(text_encoder.layers)
+  num_fusion = len(fusion_encoder.layers) if fusion_encoder is not None else 0
+  has_mlm = any(k.startswith("cls.predictions.") for k in state)
+  rules = bert_rules(num_text, num_fusion, cross_attention=fusion_encoder is not None, mlm=has_mlm)
+  return import_with_rules({TEXT: text_encoder, FUSION: fusion_encoder}, state, rules,
+                           source=str(folder_or_name), dropped_prefixes=DROPPED_PREFIXES,
+                           tied_keys=TIED_KEYS, expected_new=lambda p: _expected_new(p, has_mlm),
+                           extra_dropped=_surplus_layers(state, num_text + num_fusion)
+                           if fusion_encoder is None else {})
+
+
+def _surplus_layers(state: Mapping[str, np.ndarray], num_layers: int) -> dict[str, str]:
+  out = {}
+  for key in state:
+    parts = key.split(".")
+    if key.startswith("encoder.layer.") and int(parts[2]) >= num_layers:
+      out[key] = f"layer {parts[2]} >= {num_layers}: no fusion encoder given"
+  return out
+
+
+def import_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndarray],
+                      rules: list[Rule], *, source: str, dropped_prefixes: Mapping[str, str],
+                      tied_keys: Mapping[str, str], expected_new: Callable[[str], bool],
+                      extra_dropped: Mapping[str, str] | None = None) -> ImportReport:
+  """Apply a rule table; generic over owners (`{'text_encoder': module, ...}`, None = absent).
+
+  An optional rule group (anything but 'required') is loaded all-or-nothing: if any of
+  its source keys exists, all must. Every check runs before the first write.
+  """
+  problems: list[str] = []
+  consumed: set[str] = set()
+  updates: dict[str, dict[str, np.ndarray]] = {owner: {} for owner, m in modules.items() if m is not None}
+  loaded: dict[str, str] = {}
+
+  present_groups = {r.group for r in rules if r.source in state}
+  for rule in rules:
+    owner, path = rule.target.split(".", 1)
+    if modules.get(owner) is None:
+      continue
+    if rule.source not in state:
+      if rule.group == "required" or rule.group in present_groups:
+        problems.append(f"missing source key {rule.source!r} (for {rule.target})")
+      continue
+    updates[owner][path] = rule.transform(state[rule.source])
+    consumed.add(rule.source)
+    loaded[rule.target] = rule.source
+
+  tied = {}
+  for key, other in tied_keys.items():
+    if key not in state:
+      continue
+    consumed.add(key)
+    if other not in state or not np.array_equal(np.asarray(state[key]), np.asarray(state[other])):
+      problems.append(f"source key {key!r} differs from {other!r} (missing or not equal), "
+                      "but our model ties them")
+    else:
+      tied[key] = other
+
+  dropped = dict(extra_dropped or {})
+  for key in state:
+    for prefix, reason in dropped_prefixes.items():
+      if key.startswith(prefix):
+        dropped[key] = reason
+  consumed |= set(dropped)
+
+  for key in sorted(set(state) - consumed):
+    problems.append(f"unexpected source key {key!r} (shape {tuple(np.shape(state[key]))}): "
+                    "no rule maps it")
+
+  # Our side: shapes, and params that nothing fills but should be filled.
+  new = []
+  for owner, updates_for_owner in updates.items():
+    shapes = param_shapes(modules[owner])
+    for path, value in updates_for_owner.items():
+      target = f"{owner}.{path}"
+      if path not in shapes:
+        problems.append(f"no parameter {target!r} in our model (for {loaded[target]!r})")
+      elif tuple(np.shape(value)) != shapes[path]:
+        problems.append(f"shape mismatch for {target!r} from {loaded[target]!r}: ours "
+                        f"{shapes[path]}, source {tuple(np.shape(value))} (after transform)")
+    for path in sorted(set(shapes) - set(updates_for_owner)):
+      target = f"{owner}.{path}"
+      if expected_new(target):
+        new.append(target)
+      else:
+        problems.append(f"our parameter {target!r} gets no value from the source")
+
+  if problems:
+    raise BertImportError(f"cannot import {source}:\n  " + "\n  ".join(problems))
+  for owner, updates_for_owner in updates.items():
+    names = {p: loaded[f"{owner}.{p}"] for p in updates_for_owner}
+    assign_params(modules[owner], updates_for_owner, source_names=names)
+  return ImportReport(source=source, loaded=loaded, new=new, dropped=dropped, tied=tied)
