@@ -10,6 +10,7 @@ so a misspelt field fails at once and lists the valid ones.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 from absl import app, flags, logging
@@ -31,6 +32,48 @@ _EXPLAIN = flags.DEFINE_bool("explain", False, "--mode search: write a PNG per t
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _load_recipe(spec: str):
+  """configs/x.py[:arg] -> the ConfigDict its get_config(arg) builds."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_recipe", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _unknown_override(argv) -> str | None:
+  """A readable message for the first --config.<path> that names no field, else None."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  if spec is None:
+    return None
+  config = _load_recipe(spec)
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for key in path.split("."):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(walked) or "the config"
+        valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a group)"
+        return (f"Unknown config field --config.{path}: {where} has no field {key!r}.\n"
+                f"Valid fields of {where}: {valid}")
+      node = node[key]
+      walked.append(key)
+  return None
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 (turned into a short message below)
+    message = _unknown_override(argv[1:]) or f"{type(e).__name__}: {e}"
+    sys.stderr.write(f"FATAL: {message}\n")
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -40,8 +83,12 @@ def main(argv):
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   logging.set_verbosity(logging.WARNING)
   run_setup.maybe_initialize_distributed(config)
-  run_setup.prepare_data(config)
-  run_setup.check_config(config, mode)  # fails before any compilation
+  try:
+    run_setup.prepare_data(config)
+    run_setup.check_config(config, mode)  # fails before any compilation
+  except (FileNotFoundError, ValueError) as e:
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(2)
 
   if mode in ("train", "train_and_eval"):
     from t2v2t_jax.training import train  # noqa: PLC0415
@@ -58,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -7,10 +7,11 @@ import os
 
 import jax
 
+from input_pipeline import annotations as annotations_lib
 from input_pipeline import text as text_lib
 from t2v2t_jax.models.config import validate_model_config
 
-DATA_HELP = "see README.md, section 'Preparing data'"
+DATA_HELP = "docs/data.md explains how to prepare each dataset"
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -68,6 +69,8 @@ def check_config(config, mode: str) -> None:
         raise FileNotFoundError(
             f"{key} of corpus {corpus['name']!r} not found: {path} ({DATA_HELP}; set "
             f"--config.data_root to the folder that holds your data)")
+    # Every entry is checked now (keys, types), so a malformed file fails before compiling.
+    annotations_lib.load_corpus_from_config(corpus)
 
 
 def save_config(config, workdir: str) -> None:

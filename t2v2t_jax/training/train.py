@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -94,6 +95,10 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   while step < total_micro_steps:
     local = next(data_iter)
     failures.update(local)
+    # A cheap fingerprint of this process's batch, logged so that a resumed run can be
+    # checked against an uninterrupted one batch by batch.
+    batch_crc = zlib.crc32(np.ascontiguousarray(local["input_ids"]).tobytes()
+                           + np.ascontiguousarray(local["video_idx"]).tobytes())
     batch = pipeline_lib.global_batch(local, mesh, sharding_lib.DATA_AXES, keys=MODEL_BATCH_KEYS)
     state, metrics = train_step(state, batch)
     step += 1
@@ -109,7 +114,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
       eta = (total_micro_steps - step) * config.batch_size / max(rate, 1e-9)
       host_metrics = jax.tree.map(np.asarray, metrics)
       host_metrics.update(failures.counts())
-      writer.write(step, {**host_metrics, "samples_per_sec": rate})
+      writer.write(step, {**host_metrics, "samples_per_sec": rate, "data/batch_crc": batch_crc})
       if is_main:
         print(writer_lib.console_line(step, total_micro_steps, host_metrics, rate, eta,
                                       failures.summary()), flush=True)

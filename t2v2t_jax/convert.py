@@ -1,0 +1,161 @@
+r"""Convert checkpoints between VindLU (PyTorch) and this project (Orbax).
+
+  # VindLU .pth -> an Orbax checkpoint that --config.init_from=OUT_DIR loads
+  python -m t2v2t_jax.convert vindlu IN.pth OUT_DIR [--config configs/x.py[:arg]] [--mode t2v2t]
+
+  # our checkpoint (a run's workdir, its checkpoints/ folder, or a converted folder)
+  # -> a VindLU state dict, to evaluate our weights with the PyTorch original
+  python -m t2v2t_jax.convert --to vindlu OUR_CKPT_DIR OUT.pth [--naming finetune|pretrain]
+      [--drop-t2v] [--config configs/x.py[:arg]]
+
+Import: the model is the recipe's `config.model` when `--config` is given (then the
+checkpoint must fit it: relative position tables and the temporal embedding are resized,
+anything else that does not fit is an error), else an architecture inferred from the
+checkpoint's shapes (`vindlu.infer_model_config`) with fusion mode `--mode` (default
+t2v2t). OUT_DIR becomes an Orbax CheckpointManager folder `OUT_DIR/0/state` holding
+`{'params': nnx.State}` (no optimizer state: use it as `--config.init_from`, not as a
+`--workdir` to resume), plus `OUT_DIR/vindlu_import.txt` with the import table.
+
+Export: `--naming finetune` (default) writes `text_encoder.*` keys and no MLM head, as
+VindLU's retrieval model and its evaluation expect; `pretrain` writes
+`text_encoder.bert.*` and `text_encoder.cls.predictions.*`. The file is
+`torch.save({'model': state_dict})`. T2V blocks are left out when their gates are 0;
+otherwise `--drop-t2v` is required (VindLU then scores differently from our model).
+
+torch is needed (the optional extra `convert`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+IMPORT_REPORT = "vindlu_import.txt"
+
+
+def load_recipe(spec: str):
+  """`configs/x.py[:arg]` -> the ConfigDict its `get_config(arg)` builds."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--config {spec!r}: no file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("_convert_recipe", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def save_params_checkpoint(directory: str, params_state, *, step: int = 0) -> str:
+  """Write `{'params': params_state}` as item `state` of a CheckpointManager at `directory`."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise FileExistsError(f"{directory} exists and is not empty; choose a new output folder")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
+                                  item_names=("state",))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params_state})))
+  manager.wait_until_finished()
+  manager.close()
+  return directory
+
+
+def vindlu_to_orbax(in_path: str, out_dir: str, *, model_config=None, fusion_mode: str | None = None,
+                    seed: int = 0, verbose: bool = True):
+  """Import a VindLU `.pth` and save it as an Orbax checkpoint. Returns the import report."""
+  from flax import nnx
+
+  from t2v2t_jax.checkpoints import vindlu
+  from t2v2t_jax.checkpoints.params import assign_params
+  from t2v2t_jax.models.t2v2t import create_model
+
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new output folder")
+  ckpt = vindlu.read_vindlu_checkpoint(in_path)
+  if model_config is None:
+    model_config = vindlu.infer_model_config(ckpt.state, fusion_mode or "t2v2t")
+  elif fusion_mode:
+    model_config.fusion.mode = fusion_mode
+  model = create_model(model_config, seed=seed)
+  values, report = vindlu.import_vindlu(ckpt.state, model_config, model=model, source=ckpt.source)
+  report.upcast = ckpt.upcast
+  assign_params(model, values)
+  _, params_state = nnx.split(model, nnx.Param)
+  save_params_checkpoint(out_dir, params_state)
+  text = (report.table() + f"\nmodel: {vindlu.describe_config(model_config)}; fusion mode "
+          f"{model_config.fusion.mode!r}\n")
+  with open(os.path.join(out_dir, IMPORT_REPORT), "w") as f:
+    f.write(text)
+  if verbose:
+    print(text, end="", flush=True)
+    print(f"wrote {os.path.abspath(out_dir)} (use --config.init_from={out_dir})", flush=True)
+  return report
+
+
+def orbax_to_vindlu(ckpt_dir: str, out_path: str, *, naming: str = "finetune",
+                    drop_t2v: bool = False, model_config=None, verbose: bool = True):
+  """Export our parameters (latest step of `ckpt_dir`) to a VindLU `.pth`. Returns the report."""
+  import numpy as np
+
+  from t2v2t_jax.checkpoints import vindlu
+  from t2v2t_jax.training.initialization import load_params_from
+
+  if ckpt_dir.endswith((".pth", ".pt", ".bin")):
+    raise ValueError(f"{ckpt_dir!r}: export reads one of our checkpoint folders, not a .pth")
+  params = {k: np.asarray(v) for k, v in load_params_from(ckpt_dir, None).items()}
+  if model_config is not None:
+    from t2v2t_jax.checkpoints.params import param_shapes
+    from t2v2t_jax.models.t2v2t import abstract_model
+    want = param_shapes(abstract_model(model_config))
+    diff = sorted(set(want) ^ set(params))
+    bad = [f"{p}: config {want[p]} vs checkpoint {params[p].shape}" for p in want
+           if p in params and tuple(params[p].shape) != tuple(want[p])]
+    if diff or bad:
+      raise vindlu.VindluCheckpointError(
+          f"{ckpt_dir} does not match --config: " + "; ".join(
+              [f"only in one of them: {', '.join(diff[:20])}"] * bool(diff) + bad[:20]))
+  state, report = vindlu.export_vindlu(params, naming=naming, drop_t2v=drop_t2v)
+  vindlu.save_vindlu_checkpoint(state, out_path)
+  if verbose:
+    print(report.table(), flush=True)
+    print(f"wrote {out_path} ({len(state)} tensors)", flush=True)
+  return report
+
+
+def _parser():
+  p = argparse.ArgumentParser(
+      prog="python -m t2v2t_jax.convert",
+      description="VindLU .pth -> Orbax (`vindlu IN.pth OUT_DIR`) or back "
+                  "(`--to vindlu OUR_CKPT_DIR OUT.pth`).")
+  p.add_argument("paths", nargs="+", help="vindlu IN.pth OUT_DIR | (with --to vindlu) CKPT_DIR OUT.pth")
+  p.add_argument("--to", choices=["vindlu"], help="export our checkpoint to this format")
+  p.add_argument("--config", help="recipe configs/x.py[:arg] whose model to use / check against")
+  p.add_argument("--mode", choices=["v2t", "t2v2t", "t2v2t_naive", "joint"],
+                 help="import: fusion mode of the target model (overrides the config's)")
+  p.add_argument("--seed", type=int, default=0, help="import: seed of newly initialised params")
+  p.add_argument("--naming", choices=["finetune", "pretrain"], default="finetune",
+                 help="export: VindLU key naming (default finetune: what its retrieval eval loads)")
+  p.add_argument("--drop-t2v", action="store_true",
+                 help="export: leave out T2V blocks even if their gates are not 0")
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  model_config = load_recipe(args.config).model if args.config else None
+  if args.to == "vindlu":
+    if len(args.paths) != 2:
+      _parser().error("--to vindlu takes OUR_CKPT_DIR OUT.pth")
+    orbax_to_vindlu(args.paths[0], args.paths[1], naming=args.naming, drop_t2v=args.drop_t2v,
+                    model_config=model_config)
+    return 0
+  if len(args.paths) != 3 or args.paths[0] != "vindlu":
+    _parser().error("import takes: vindlu IN.pth OUT_DIR")
+  vindlu_to_orbax(args.paths[1], args.paths[2], model_config=model_config, fusion_mode=args.mode,
+                  seed=args.seed)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,75 @@
+"""One train step and the rerank pass give the same numbers on 1 and on 8 devices.
+
+Runs in a subprocess with 8 simulated CPU devices (the device count is fixed when JAX
+starts, so it cannot be changed inside this pytest process).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent(r"""
+    import jax, jax.numpy as jnp, numpy as np
+    from configs import common
+    from configs import webvid_pretrain
+    from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
+    from t2v2t_jax.training import optimizer, sharding, train_state as S
+
+    assert jax.device_count() == 8, jax.devices()
+    config = webvid_pretrain.get_config("tiny")   # VTC + VTM + MLM, dropout on
+    mc = config.model
+    tx = optimizer.make_optimizer(config.optimizer, 10)
+    graphdef = S.model_graphdef(mc)
+    rng = np.random.default_rng(0)
+    B, L = 8, 8
+    ids = rng.integers(5, 100, (B, L)).astype(np.int32)
+    ids[:, 0] = 2
+    mask = np.ones((B, L), np.int32)
+    mask[::3, 5:] = 0
+    ids[mask == 0] = 0
+    batch = dict(frames=rng.integers(0, 256, (B, 2, 32, 32, 3)).astype(np.uint8),
+                 input_ids=ids, attention_mask=mask,
+                 video_idx=np.array([0, 1, 1, 2, 3, 4, 4, 5], np.int32))
+    special = dict(cls=2, pad=0, mask=4, vocab_size=mc.text.vocab_size)
+
+    results = {}
+    for n in (1, 8):
+      mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.devices()[:n])
+      abstract = S.abstract_state(mc, tx, 0)
+      shardings = S.state_shardings(abstract, mesh)
+      state = jax.jit(lambda: S.init_state(mc, tx, 0), out_shardings=shardings)()
+      step = S.jit_train_step(S.make_train_step(
+          graphdef, tx, loss_weights=dict(vtc=1.0, vtm=1.0, mlm=1.0), special_ids=special,
+          temp_bounds=(0.001, 0.5)), shardings, mesh)
+      gbatch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+      new_state, metrics = step(state, gbatch)
+      params = jax.tree.map(np.asarray, new_state["params"])
+
+      evaluator = RetrievalEvaluator(graphdef, mesh, k=4, rerank_batch_size=8, progress=False)
+      pairs = np.array([[v, t] for v in range(5) for t in range(3)], np.int64)
+      hidden = rng.standard_normal((3, L, mc.text.width)).astype(np.float32) if n == 1 else hidden
+      tokens = rng.standard_normal((5, 2, 5, mc.vision.width)).astype(np.float16) if n == 1 else tokens
+      scores = evaluator.score_candidates(new_state["params"], pairs, hidden, mask[:3], tokens)
+      results[n] = (float(metrics["loss"]), params, scores, {k: float(v) for k, v in metrics.items()})
+
+    (l1, p1, s1, m1), (l8, p8, s8, m8) = results[1], results[8]
+    print("loss", l1, l8, m1, m8)
+    assert abs(l1 - l8) < 1e-5, (l1, l8)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p8))
+    assert max(diffs) < 1e-5, max(diffs)
+    np.testing.assert_allclose(s1, s8, atol=1e-5)
+    print("OK max param diff", max(diffs))
+""")
+
+
+def test_train_step_and_rerank_match_on_1_and_8_devices():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert "OK max param diff" in proc.stdout
