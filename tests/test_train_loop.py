@@ -1,0 +1,148 @@
+"""The program users run: recipes, main.py errors, and exact resume after SIGKILL."""
+
+import glob
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from input_pipeline import synthetic
+from t2v2t_jax.models.config import validate_model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = ["webvid_pretrain", "webvid_cc3m_pretrain", "msrvtt_ft", "didemo_ft", "anet_ft", "demo"]
+MODES = ["v2t", "t2v2t", "t2v2t_naive", "joint"]
+
+
+def load_recipe(name, arg=None):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("synthetic")
+  synthetic.generate_dataset(root, num_train=12, num_val=4, num_test=8, size=32, num_frames=8)
+  return str(root)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_loads_with_paper_numbers(name):
+  config = load_recipe(name)
+  validate_model_config(config.model)
+  assert config.optimizer.b1 == 0.9 and config.optimizer.b2 == 0.999
+  assert config.optimizer.weight_decay == 0.02
+  if name.endswith("pretrain"):
+    assert (config.batch_size, config.num_frames, config.data.max_len) == (512, 4, 32)
+    assert config.optimizer.lr == 1e-4 and config.loss_weights.mlm == 1.0
+  elif name != "demo":
+    assert config.num_frames == 12 and config.optimizer.lr == 1e-5
+    assert config.loss_weights.mlm == 0.0
+  if name == "anet_ft":
+    assert config.eval.num_frames == 32 and config.data.max_len == 64
+
+
+# Every recipe trains at tiny size, and every fusion mode is covered by one of them.
+@pytest.mark.parametrize("name,mode", [(r, MODES[i % len(MODES)]) for i, r in enumerate(RECIPES)])
+def test_tiny_recipe_trains_two_steps_and_evaluates(name, mode, synthetic_root, tmp_path):
+  from t2v2t_jax.training import train  # noqa: PLC0415
+  config = load_recipe(name, f"tiny,mode={mode}")
+  config.data_root = synthetic_root
+  results = train.train_and_evaluate(config, str(tmp_path))
+  (corpus_results,) = results.values()
+  assert corpus_results["num_frames"] == config.eval.num_frames
+  for key in ("t2v_r1", "v2t_r1", "emb_t2v_r1", "t2v_medr"):
+    assert np.isfinite(corpus_results[key]), key
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+  assert os.path.isfile(tmp_path / "eval" / "2.json")
+
+
+def run_main(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_misspelt_override_fails_listing_valid_fields(tmp_path):
+  t = time.time()
+  proc = run_main("--config", "configs/msrvtt_ft.py:tiny", "--workdir", str(tmp_path),
+                  "--config.optimizer.lrr=3e-5")
+  assert proc.returncode != 0
+  assert "optimizer has no field 'lrr'" in proc.stderr
+  assert "min_lr" in proc.stderr and "warmup_epochs" in proc.stderr  # the valid fields
+  assert time.time() - t < 60  # no compilation happened
+
+
+def test_missing_annotation_file_fails_before_compiling(tmp_path):
+  proc = run_main("--config", "configs/msrvtt_ft.py", "--workdir", str(tmp_path),
+                  f"--config.data_root={tmp_path}/nowhere")
+  assert proc.returncode != 0
+  assert f"{tmp_path}/nowhere/anno/msrvtt_ret_train9k.json" in proc.stderr
+  assert "docs/data.md" in proc.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _final_params(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data_iter"))
+  step = manager.latest_step()
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  import jax  # noqa: PLC0415
+  return step, jax.tree.leaves(state["params"])
+
+
+def _batch_crcs(workdir):
+  crcs = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    row = json.loads(line)
+    if "data/batch_crc" in row:
+      crcs.setdefault(row["step"], set()).add(row["data/batch_crc"])
+  return crcs
+
+
+def test_sigkill_then_rerun_resumes_exactly(synthetic_root, tmp_path):
+  args = ["--config", "configs/webvid_pretrain.py:tiny", "--mode", "train",
+          f"--config.data_root={synthetic_root}", "--config.total_steps=6",
+          "--config.checkpoint_every=2", "--config.data.num_workers=2"]
+  full = tmp_path / "uninterrupted"
+  proc = run_main("--workdir", str(full), *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  killed = tmp_path / "killed"
+  env = dict(os.environ, PYTHONPATH=REPO)
+  p = subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), "--workdir", str(killed), *args],
+                       env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True)
+  deadline = time.time() + 600
+  # Kill once the step-2 checkpoint is committed (Orbax renames the temporary folder last).
+  while time.time() < deadline and not glob.glob(str(killed / "checkpoints" / "2" / "state")):
+    if p.poll() is not None:
+      break
+    time.sleep(0.2)
+  assert p.poll() is None, "the run ended before it could be killed"
+  os.killpg(p.pid, signal.SIGKILL)
+  p.wait()
+  assert not os.path.exists(killed / "checkpoints" / "6")
+
+  proc = run_main("--workdir", str(killed), *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from" in proc.stdout
+
+  step_full, params_full = _final_params(full)
+  step_resumed, params_resumed = _final_params(killed)
+  assert step_full == step_resumed == 6
+  for a, b in zip(params_full, params_resumed):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Every step's batch of the resumed run (killed part included) equals the uninterrupted one.
+  crc_full, crc_resumed = _batch_crcs(full), _batch_crcs(killed)
+  assert sorted(crc_full) == list(range(1, 7))
+  for step, crcs in crc_resumed.items():
+    assert crcs == crc_full[step], step
