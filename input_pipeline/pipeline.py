@@ -3,7 +3,7 @@
 Training (`make_train_dataset`), per corpus::
 
   range(num_pairs) -> shuffle (per epoch) -> random_map(read, decode, augment)
-    -> [:steps * global_batch] -> [process_index::process_count] -> batch(per-process batch)
+    -> [:steps * global_batch] -> batch(per-process batch) -> [process_index::process_count]
 
 then the corpora's batches are concatenated and shuffled as whole batches (so a step is
 all-image or all-video, in a seeded order, and an epoch covers every corpus), repeated,
@@ -14,8 +14,10 @@ Determinism: every random choice (shuffles, frame sampling, crop, flip, substitu
 bad files) comes from Grain's seeded transforms; `random_map` hands each record a
 generator seeded by its position in the globally shuffled epoch. Worker processes each
 produce whole batches and Grain interleaves them in order, so the same seed gives the
-same batches with any number of workers, and the union of the processes' batches at a
-step is the same global batch whatever the process count.
+same batches with any number of workers. At each step process p holds the p-th contiguous
+block of the global batch, so the processes' batches concatenated in process order (the
+layout `jax.make_array_from_process_local_data` gives) are exactly the single-process
+global batch, rows in the same order: a run gives the same losses on any number of hosts.
 
 Batches (numpy, per process, b = global_batch_size / process_count):
   frames uint8 [b, T, S, S, 3] (T = 1 for image corpora), input_ids int32 [b, L],
@@ -175,8 +177,11 @@ def make_train_dataset(data_cfg, *, tokenizer, global_batch_size: int, num_frame
     # Before sharding: a record's RNG depends on its place in the global epoch only.
     ds = ds.random_map(example, seed=derive_seed(seed, corpus_id, 1))
     ds = ds[:steps * global_batch_size]
-    ds = ds[process_index::process_count]
-    parts.append(ds.batch(local_batch, drop_remainder=True))
+    # Batch, then take every process_count-th batch: process p gets rows
+    # [p * local_batch, (p + 1) * local_batch) of each global batch. (Batching is lazy:
+    # a process reads and decodes only its own examples.)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    parts.append(ds[process_index::process_count])
 
   if len(parts) == 1:
     ds = parts[0]

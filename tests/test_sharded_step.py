@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(r"""
       mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.devices()[:n])
       abstract = S.abstract_state(mc, tx, 0)
       shardings = S.state_shardings(abstract, mesh)
-      state = jax.jit(lambda: S.init_state(mc, tx, 0), out_shardings=shardings)()
+      state = S.create_sharded_state(mc, tx, 0, shardings)
       step = S.jit_train_step(S.make_train_step(
           graphdef, tx, loss_weights=dict(vtc=1.0, vtm=1.0, mlm=1.0), special_ids=special,
           temp_bounds=(0.001, 0.5)), shardings, mesh)

@@ -62,6 +62,8 @@ def test_tiny_recipe_trains_two_steps_and_evaluates(name, mode, synthetic_root, 
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2]
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+  # A finite global gradient norm means every parameter's gradient is finite.
+  assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows if "loss" in r)
   assert os.path.isfile(tmp_path / "eval" / "2.json")
 
 

@@ -67,15 +67,18 @@ def _jsonable(tree):
   return tree
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
-  """`--mode eval`: the latest checkpoint of `workdir`, else `config.init_from`."""
+def load_params(config, workdir: str, *, purpose: str = "Evaluating"):
+  """The parameters to use: the latest checkpoint of `workdir`, else `config.init_from`.
+
+  Returns `(params, graphdef, mesh, step)` (step 0 for `init_from`); prints
+  `f"{purpose} <source>"` on the main process. Used by `--mode eval` and `--mode search`.
+  """
   mesh = sharding_lib.make_mesh(config.mesh)
-  tokenizer = run_setup.load_tokenizer(config)
-  run_setup.special_token_ids(tokenizer, config.model.text.vocab_size)
   tx = optimizer_lib.make_optimizer(config.optimizer, 1)
   abstract = state_lib.abstract_state(config.model, tx, config.seed)
   shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
   graphdef = state_lib.model_graphdef(config.model)
+  is_main = jax.process_index() == 0
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
   step = None
@@ -85,18 +88,27 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     if step is not None:
       state = ckpt.restore(step, checkpointing.abstract_with_shardings(abstract, shardings))
       params = state["params"]
-      print(f"Evaluating {ckpt_dir}/{step}", flush=True)
+      if is_main:
+        print(f"{purpose} {ckpt_dir}/{step}", flush=True)
     ckpt.close()
   if step is None:
     if not config.init_from:
-      raise FileNotFoundError(f"No checkpoint in {ckpt_dir} and no --config.init_from to evaluate")
-    state = jax.jit(lambda: state_lib.init_state(config.model, tx, config.seed),
-                    out_shardings=shardings)()
+      raise FileNotFoundError(f"No checkpoint in {ckpt_dir} and no --config.init_from to load")
+    state = state_lib.create_sharded_state(config.model, tx, config.seed, shardings)
     params = initialization.assign_params(
         state["params"], initialization.load_params_from(config.init_from, config),
         source=config.init_from)
     step = 0
-    print(f"Evaluating {config.init_from}", flush=True)
+    if is_main:
+      print(f"{purpose} {config.init_from}", flush=True)
+  return params, graphdef, mesh, step
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """`--mode eval`: the latest checkpoint of `workdir`, else `config.init_from`."""
+  tokenizer = run_setup.load_tokenizer(config)
+  run_setup.special_token_ids(tokenizer, config.model.text.vocab_size)
+  params, graphdef, mesh, step = load_params(config, workdir)
   writer = writer_lib.MetricWriter(workdir)
   results = evaluate_all(config, params, graphdef, mesh, tokenizer, workdir, step, writer)
   writer.close()

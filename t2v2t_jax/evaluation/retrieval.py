@@ -112,7 +112,11 @@ class RetrievalEvaluator:
   def _token_store(self, shape):
     if self.token_cache_dir:
       os.makedirs(self.token_cache_dir, exist_ok=True)
-      path = os.path.join(self.token_cache_dir, "video_tokens.npy")
+      # Every process holds all the tokens (they are gathered) and the folder may be shared
+      # by all hosts, so the processes other than 0 write files of their own.
+      p = jax.process_index()
+      name = "video_tokens.npy" if p == 0 else f"video_tokens.process{p}.npy"
+      path = os.path.join(self.token_cache_dir, name)
       return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
     return np.zeros(shape, np.float16)
 

@@ -36,8 +36,7 @@ def initial_state(config, *, ckpt, abstract, shardings, tx, data_iter):
     state = ckpt.restore(latest, target, data_iter)
     return state, f"resumed from {ckpt.directory}/{latest}"
 
-  init = jax.jit(lambda: state_lib.init_state(config.model, tx, config.seed), out_shardings=shardings)
-  state = init()
+  state = state_lib.create_sharded_state(config.model, tx, config.seed, shardings)
   if config.init_from:
     params = load_params_from(config.init_from, config)
     state["params"] = assign_params(state["params"], params, source=config.init_from)

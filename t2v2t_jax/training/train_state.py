@@ -56,6 +56,25 @@ def abstract_state(model_config, tx, seed: int):
   return jax.eval_shape(functools.partial(init_state, model_config, tx, seed))
 
 
+def create_sharded_state(model_config, tx: optax.GradientTransformation, seed: int, shardings):
+  """`init_state` placed with `shardings`, without compiling the whole init as one program.
+
+  The parameters are initialised eagerly (each initialiser is a small cached kernel) and
+  then placed; only the optimizer-state init is jitted. Jitting the full init at paper
+  size (~600 random initialisers in one program) took minutes to compile on GPU.
+  """
+  model = create_model(model_config, seed=seed)
+  _, params = split_model(model)
+  params = jax.device_put(params, shardings["params"])
+  return {
+      "params": params,
+      "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+      "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+      "rng": jax.device_put(jax.random.key_data(jax.random.key(seed + 17, impl=PRNG_IMPL)),
+                            shardings["rng"]),
+  }
+
+
 def model_graphdef(model_config):
   model = nnx.eval_shape(lambda: create_model(model_config))
   return nnx.split(model, nnx.Param)[0]

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Accelerator benchmark suite: one prepared script, run from the repository root.
+#
+#   OUT=/some/folder bash benchmarks/gpu_suite.sh
+#
+# Writes under $OUT (at most 3 files): results.jsonl (one JSON object per benchmark run,
+# failures and skips included), suite.log (everything printed), summary.txt (one line
+# per run). Each benchmark runs in its own process under `timeout`, so a crash or an OOM
+# does not stop the others; items run in priority order and the suite stops starting new
+# ones when its time budget (SUITE_BUDGET_S, default 380 s) is spent; an item started
+# late gets only the time left. A train item writes a `compiled` record (compile time,
+# FLOPs, memory) before it steps, so even a timed-out item leaves its compile figures.
+#
+# Environment:
+#   OUT             output folder (required)
+#   BENCH_SIZE      paper (default) | test: every item at the tiniest size, for a CPU dry run
+#   SUITE_BUDGET_S  wall-clock budget of the whole suite in seconds (default 380)
+#   PYTHON          interpreter (default python3)
+#
+# Items, in priority order (paper size = B/16 + BERT-base, 224 px, text 32 tokens, bf16):
+#   1 smoke: tiny train step (finite loss asserted) + tiny rerank step, on the device
+#   2 train t2v2t, 4 frames, batch 32/device, no remat       (the MFU figure)
+#   3 fine-tune t2v2t, 12 frames, no MLM, batch 32, remat     (does it fit in 80 GB?)
+#   4 rerank, MSR-VTT shape (12 frames, 32 tokens), every fusion mode, 128 pairs a call
+#   5 train v2t, batch 32, no remat                           (VindLU's model)
+#   6 train t2v2t batch 32 remat; 7 batch 64 remat; 8 batch 64 no remat; 9 v2t b32 remat
+#  10 rerank, ActivityNet shape (32 frames, 64 tokens), t2v2t and v2t
+#  11 fine-tune t2v2t 12 frames batch 32 without remat: compile only (memory)
+set -u -o pipefail
+
+: "${OUT:?set OUT to the output folder}"
+BENCH_SIZE="${BENCH_SIZE:-paper}"
+SUITE_BUDGET_S="${SUITE_BUDGET_S:-380}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+LOG="$OUT/suite.log"
+SUMMARY="$OUT/summary.txt"
+: > "$RESULTS"; : > "$LOG"; : > "$SUMMARY"
+
+export PYTHONUNBUFFERED=1
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
+# One process at a time owns the GPU: allocate on demand (the allocator's peak is then
+# the step's real peak) and allow up to 95% of the memory (the "fits in 80 GB" check).
+export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
+# A persistent compilation cache shared by the items (outside $OUT): XLA's per-fusion
+# autotuning results are kept in it too, so items after the first compile faster. The
+# first paper-size item's compile_s is a cold compile; later ones are warm-autotune.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/t2v2t_bench_jax_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
+
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+
+log() { echo "[suite +$(elapsed)s] $*" | tee -a "$LOG"; }
+
+{
+  echo "== gpu_suite $(date -u +%FT%TZ) BENCH_SIZE=$BENCH_SIZE budget=${SUITE_BUDGET_S}s"
+  echo "== host: $(uname -srm), $(nproc) cores"
+  (nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi")
+  $PY - <<'EOF' 2>&1 || true
+import jax, flax, optax
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)
+print("devices", jax.devices())
+EOF
+  echo "== git: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+} 2>&1 | tee -a "$LOG"
+
+if [ "$BENCH_SIZE" = "test" ]; then
+  # Everything at the tiniest size (CPU dry run of this script).
+  P="--preset test"
+  P12="--preset test --frames 4"
+  B32="--batch 4"; B64="--batch 8"
+  STEPS="--steps 2 --warmup 2"
+  RR="--preset test --rerank-batch 8 --steps 2 --host-batches 1"
+  T_FIRST=300; T_TRAIN=300; T_SMOKE=300; T_EVAL=300
+else
+  P="--preset paper"
+  P12="--preset paper --frames 12"
+  B32="--batch 32"; B64="--batch 64"
+  STEPS="--steps 10 --warmup 3"
+  RR="--preset paper --rerank-batch 128 --steps 5 --host-batches 2"
+  T_FIRST=200; T_TRAIN=150; T_SMOKE=90; T_EVAL=120
+fi
+
+# run NAME TIMEOUT CMD...: one benchmark process; its JSON lines go to results.jsonl.
+run() {
+  local name="$1" limit="$2"; shift 2
+  local left=$(( SUITE_BUDGET_S - $(elapsed) ))
+  if [ "$left" -lt 45 ]; then
+    log "SKIP $name (budget: ${left}s left)"
+    echo "{\"benchmark\": \"suite\", \"item\": \"$name\", \"status\": \"skipped_budget\"}" >> "$RESULTS"
+    echo "$name: skipped (budget)" >> "$SUMMARY"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  log "START $name (timeout ${limit}s): $*"
+  local t0=$(date +%s)
+  timeout -k 10 "$limit" "$PY" "$@" --json-out "$RESULTS" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t0 ))
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "{\"benchmark\": \"suite\", \"item\": \"$name\", \"status\": \"timeout\", \"timeout_s\": $limit}" >> "$RESULTS"
+  fi
+  log "END $name rc=$rc in ${dt}s"
+  echo "$name: rc=$rc ${dt}s" >> "$SUMMARY"
+  return 0
+}
+
+TS=benchmarks/train_step.py
+ER=benchmarks/eval_rerank.py
+
+# 1. Smoke test on the device: tiny train step (exit code != 0 on a non-finite loss) and a
+#    tiny rerank step.
+run smoke_train "$T_SMOKE" $TS --preset test --mode t2v2t --steps 2 --warmup 2
+run smoke_rerank "$T_SMOKE" $ER --preset test --modes t2v2t,v2t --rerank-batch 8 --steps 2 --host-batches 1
+
+# 2. The MFU figure: paper-size pretraining step, the paper's model.
+run train_t2v2t_b32 "$T_FIRST" $TS $P --mode t2v2t $B32 $STEPS
+# 3. Does the 12-frame fine-tuning step fit at 32 clips per device (with remat)?
+run ft12_t2v2t_b32_remat "$T_TRAIN" $TS $P12 --mode t2v2t --no-mlm --remat $B32 $STEPS
+# 4. Rerank throughput, MSR-VTT shape (12 frames), every mode.
+run rerank_msrvtt "$T_EVAL" $ER $RR --datasets msrvtt --modes t2v2t,v2t,t2v2t_naive,joint
+# 5. VindLU's model.
+run train_v2t_b32 "$T_TRAIN" $TS $P --mode v2t $B32 $STEPS
+# 6-9. Remat and batch 64.
+run train_t2v2t_b32_remat "$T_TRAIN" $TS $P --mode t2v2t $B32 --remat $STEPS
+run train_t2v2t_b64_remat "$T_TRAIN" $TS $P --mode t2v2t $B64 --remat $STEPS
+run train_t2v2t_b64 "$T_TRAIN" $TS $P --mode t2v2t $B64 $STEPS
+run train_v2t_b32_remat "$T_TRAIN" $TS $P --mode v2t $B32 --remat $STEPS
+# 10. ActivityNet shape: 32 frames, 64 tokens.
+run rerank_anet "$T_EVAL" $ER $RR --datasets anet --modes t2v2t,v2t
+# 11. 12 frames without remat: does it fit? (compile only: memory analysis)
+run ft12_t2v2t_b32_noremat_mem "$T_TRAIN" $TS $P12 --mode t2v2t --no-mlm $B32 --compile-only
+
+log "DONE in $(elapsed)s"
+echo "total: $(elapsed)s" >> "$SUMMARY"
+
+# One readable line per result (a train item's `compiled` record is shown only when the
+# item left no final record, e.g. when it timed out while stepping).
+"$PY" - "$RESULTS" <<'EOF' 2>&1 | tee -a "$SUMMARY" "$LOG"
+import json, sys
+def f(x, fmt):
+  return "-" if x is None else format(x, fmt)
+records = []
+for line in open(sys.argv[1]):
+  try:
+    records.append(json.loads(line))
+  except ValueError:
+    pass
+for i, r in enumerate(records):
+  b = r.get("benchmark")
+  if b == "train_step" and r.get("status") == "compiled":
+    nxt = records[i + 1] if i + 1 < len(records) else {}
+    if nxt.get("benchmark") == "train_step" and nxt.get("config") == r.get("config"):
+      continue
+  if b == "train_step":
+    mem = r.get("device_peak_bytes_in_use") or r.get("compiled_total_bytes")
+    step = r.get("step_s_median")
+    mfu = r.get("mfu")
+    print(f"train {r.get('mode')} {r.get('frames')}f b{r.get('batch_per_device')} "
+          f"remat={r.get('remat')} {r.get('losses', 'mlm=' + str(r.get('mlm')))} [{r.get('status')}]: "
+          f"step {f(step and step * 1e3, '.1f')} ms, {f(r.get('samples_per_s'), '.1f')} samples/s, "
+          f"MFU {f(mfu and 100 * mfu, '.1f')}%, XLA/analytic {f(r.get('xla_over_analytic'), '.3f')}, "
+          f"compile {f(r.get('compile_s'), '.0f')} s, mem {f(mem and mem / 2**30, '.1f')} GiB "
+          f"(compiled {f(r.get('compiled_total_bytes') and r['compiled_total_bytes'] / 2**30, '.1f')}), "
+          f"recompiles {r.get('recompiles_after_step2')}")
+  elif b == "eval_rerank":
+    mfu = r.get("mfu")
+    print(f"rerank {r.get('dataset')} {r.get('mode')} [{r.get('status')}]: "
+          f"{f(r.get('device_pairs_per_s'), ',.0f')} pairs/s device, "
+          f"{f(r.get('host_path_pairs_per_s'), ',.0f')} pairs/s host path, full eval "
+          f"{f(r.get('projected_rerank_s_device'), ',.0f')} s device / "
+          f"{f(r.get('projected_rerank_s_host_path'), ',.0f')} s host path, MFU "
+          f"{f(mfu and 100 * mfu, '.1f')}%, mem {f(r.get('compiled_total_bytes') and r['compiled_total_bytes'] / 2**30, '.1f')} GiB")
+  else:
+    print(f"{r.get('item')}: {r.get('status')}")
+EOF
+exit 0
