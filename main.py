@@ -90,6 +90,14 @@ def main(argv):
     sys.stderr.write(f"FATAL: {e}\n")
     sys.exit(2)
 
+  try:
+    _run(config, workdir, mode)
+  except FileNotFoundError as e:  # a missing checkpoint or video folder: no traceback needed
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(2)
+
+
+def _run(config, workdir, mode):
   if mode in ("train", "train_and_eval"):
     from t2v2t_jax.training import train  # noqa: PLC0415
     train.train_and_evaluate(config, workdir, evaluate_at_end=mode == "train_and_eval")
