@@ -14,21 +14,11 @@ from input_pipeline.config import corpus_config
 
 
 def get_config(arg=None):
-  c = common.base_config()
+  c = common.finetune_config(batch_size=32, epochs=10, max_len=64, eval_frames=32)
   root = c.get_ref("data_root")
   c.data.train_corpora = [corpus_config("anet_train", root + "/anno/anet_ret_train.json",
                                         root + "/videos/activitynet", paragraph=True)]
   c.data.eval_corpora = [corpus_config("anet_val1", root + "/anno/anet_ret_val_1.json",
                                        root + "/videos/activitynet", paragraph=True)]
-  c.data.max_len = 64
-  c.batch_size = 32
-  c.num_frames = 12
-  c.model.vision.num_frames = 12
-  c.eval.num_frames = 32
   c.eval.token_cache = "disk"
-  c.optimizer.lr, c.optimizer.min_lr = 1e-5, 1e-6
-  c.optimizer.epochs, c.optimizer.warmup_epochs = 10, 0.5
-  c.loss_weights.update(dict(vtc=1.0, vtm=1.0, mlm=0.0))
-  c.model.remat = True
-  c.model.dtype = "bfloat16"
   return common.finalize(c, arg)

@@ -67,6 +67,24 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
   return c
 
 
+def finetune_config(*, batch_size: int, epochs: float, max_len: int, train_frames: int = 12,
+                    eval_frames: int = 12) -> ml_collections.ConfigDict:
+  """Retrieval fine-tuning (SPEC 7): lr 1e-5 -> 1e-6, 0.5 warmup epochs, VTC + VTM, bf16 with
+  per-layer remat; the recipe adds its corpora."""
+  c = base_config()
+  c.data.max_len = max_len
+  c.batch_size = batch_size
+  c.num_frames = train_frames
+  c.model.vision.num_frames = train_frames
+  c.eval.num_frames = eval_frames
+  c.optimizer.lr, c.optimizer.min_lr = 1e-5, 1e-6
+  c.optimizer.epochs, c.optimizer.warmup_epochs = epochs, 0.5
+  c.loss_weights.update(dict(vtc=1.0, vtm=1.0, mlm=0.0))
+  c.model.remat = True
+  c.model.dtype = "bfloat16"
+  return c
+
+
 def synthetic_corpora(config, root_ref) -> None:
   """Point the data config at the synthetic dataset (created by `input_pipeline.synthetic`)."""
   config.data.train_corpora = [corpus_config("synthetic_train", root_ref + "/train.json", root_ref)]

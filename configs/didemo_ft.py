@@ -15,20 +15,10 @@ from input_pipeline.config import corpus_config
 
 
 def get_config(arg=None):
-  c = common.base_config()
+  c = common.finetune_config(batch_size=32, epochs=10, max_len=64)
   root = c.get_ref("data_root")
   c.data.train_corpora = [corpus_config("didemo_train", root + "/anno/didemo_ret_train.json",
                                         root + "/videos/didemo", paragraph=True, max_seconds=30.0)]
   c.data.eval_corpora = [corpus_config("didemo_test", root + "/anno/didemo_ret_test.json",
                                        root + "/videos/didemo", paragraph=True, max_seconds=30.0)]
-  c.data.max_len = 64
-  c.batch_size = 32
-  c.num_frames = 12
-  c.model.vision.num_frames = 12
-  c.eval.num_frames = 12
-  c.optimizer.lr, c.optimizer.min_lr = 1e-5, 1e-6
-  c.optimizer.epochs, c.optimizer.warmup_epochs = 10, 0.5
-  c.loss_weights.update(dict(vtc=1.0, vtm=1.0, mlm=0.0))
-  c.model.remat = True
-  c.model.dtype = "bfloat16"
   return common.finalize(c, arg)

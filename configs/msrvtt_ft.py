@@ -14,20 +14,10 @@ from input_pipeline.config import corpus_config
 
 
 def get_config(arg=None):
-  c = common.base_config()
+  c = common.finetune_config(batch_size=128, epochs=5, max_len=32)
   root = c.get_ref("data_root")
   c.data.train_corpora = [corpus_config("msrvtt_9k", root + "/anno/msrvtt_ret_train9k.json",
                                         root + "/videos/msrvtt")]
   c.data.eval_corpora = [corpus_config("msrvtt_1k", root + "/anno/msrvtt_ret_test1k.json",
                                        root + "/videos/msrvtt")]
-  c.data.max_len = 32
-  c.batch_size = 128
-  c.num_frames = 12
-  c.model.vision.num_frames = 12
-  c.eval.num_frames = 12
-  c.optimizer.lr, c.optimizer.min_lr = 1e-5, 1e-6
-  c.optimizer.epochs, c.optimizer.warmup_epochs = 5, 0.5
-  c.loss_weights.update(dict(vtc=1.0, vtm=1.0, mlm=0.0))
-  c.model.remat = True
-  c.model.dtype = "bfloat16"
   return common.finalize(c, arg)
