@@ -109,7 +109,7 @@ def make_train_step(graphdef, tx, *, loss_weights, special_ids, temp_bounds, lr_
     # VindLU clamps the temperature before every step; clamping after the update keeps the
     # stored (and checkpointed) value inside the bounds too.
     params = clamp_temperature(params, *temp_bounds)
-    metrics["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
+    metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
     if lr_schedule is not None:
       metrics["lr"] = lr_schedule(step)
     new_state = {"params": params, "opt_state": opt_state, "step": step + 1, "rng": state["rng"]}
