@@ -36,7 +36,8 @@ import traceback
 # `input_pipeline` package (Python puts this script's folder first on the path).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-sys.path[:] = [_ROOT, _HERE] + [p for p in sys.path if os.path.abspath(p or ".") not in (_ROOT, _HERE)]
+sys.path[:] = [_ROOT, _HERE] + [p for p in sys.path
+                                if os.path.abspath(p or ".") not in (_ROOT, _HERE)]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -115,8 +116,11 @@ def bench_one(args, mode: str, dataset: str, mesh, counter) -> dict:
             "video_only_kv_share": video_only_share, "load_before": common.load_str()}
   print(f"[eval_rerank] {dataset} / {mode}: {result['config']}; {common.load_str()}", flush=True)
 
-  # Eager init (a jitted init of every initialiser compiles for minutes at paper size).
-  graphdef, params = nnx.split(create_model(cfg), nnx.Param)
+  if args.init == "real":
+    graphdef, params = nnx.split(create_model(cfg), nnx.Param)
+  else:  # host-drawn values (see train_step.synthetic_params): no initialiser kernels
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create_model(cfg)), nnx.Param)
+    params = common.synthetic_params(abstract)
   params = jax.device_put(params, sharding_lib.replicated(mesh))
   evaluator = RetrievalEvaluator(graphdef, mesh, k=args.k, rerank_batch_size=args.rerank_batch,
                                  progress=False)

@@ -247,9 +247,11 @@ def paper_report(s: Sizes | None = None) -> str:
     lines.append(f"| video encoder: {k} | {_g(x)} |")
   lines.append(f"| **video encoder, {s.frames} frames** | **{_g(total(v))}** |")
   tx = text_forward(s)
-  lines.append(f"| **text encoder ({s.fusion_layer} layers, {s.text_len} tokens)** | **{_g(total(tx))}** |")
+  lines.append(f"| **text encoder ({s.fusion_layer} layers, {s.text_len} tokens)** | "
+               f"**{_g(total(tx))}** |")
   mh = mlm_head_forward(s)
-  lines.append(f"| MLM head (decoder over {s.vocab} words on {s.text_len} positions) | {_g(total(mh))} |")
+  lines.append(f"| MLM head (decoder over {s.vocab} words on {s.text_len} positions) | "
+               f"{_g(total(mh))} |")
   for mode in FUSION_MODES:
     f = fusion_forward(s, mode)
     detail = ", ".join(f"{k} {_g(x)}" for k, x in f.items() if x >= 1e7)

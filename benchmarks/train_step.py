@@ -38,7 +38,8 @@ import traceback
 # `input_pipeline` package (Python puts this script's folder first on the path).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-sys.path[:] = [_ROOT, _HERE] + [p for p in sys.path if os.path.abspath(p or ".") not in (_ROOT, _HERE)]
+sys.path[:] = [_ROOT, _HERE] + [p for p in sys.path
+                                if os.path.abspath(p or ".") not in (_ROOT, _HERE)]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -104,6 +105,11 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "test"
   g.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False)
   g.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "cudnn", "explicit"))
   g.add_argument("--batch", type=int, help="per-device batch")
+  parser.add_argument("--init", choices=("synthetic", "real"), default="synthetic",
+                      help="parameters: 'synthetic' = drawn on the host with numpy (normal "
+                           "0.02 matrices, LayerNorm 1/0, zero biases) and placed, no "
+                           "per-initialiser kernels; 'real' = the model's own initialisers "
+                           "(train_state.create_sharded_state). Step timing is the same.")
   parser.add_argument("--compile-cache",
                       help="persistent XLA compilation cache folder (repeated runs load the "
                            "executable instead of compiling; compile_s then times the load)")
@@ -115,6 +121,34 @@ def setup_compile_cache(folder: str | None) -> None:
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def synthetic_params(abstract_params, seed: int = 0):
+  """Host (numpy) values for every parameter leaf of `abstract_params` (shape structs).
+
+  Values only need to keep the computation finite and realistic: matrices and
+  embeddings normal(0, 0.02); 1-D LayerNorm scales 1, layer-scale lambdas 0.1, other
+  vectors (biases) 0; scalars 0.07 for `temp`, else 0.5 (gates, temporal scale: nonzero,
+  so every branch is live). The model's own initialisers run ~600 small kernels, each
+  compiled on first use: tens of seconds on a GPU that a benchmark need not spend.
+  """
+  from t2v2t_jax.training.optimizer import parameter_path  # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+
+  def one(path, leaf):
+    names = parameter_path(path)
+    shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+    if len(shape) == 0:
+      return np.asarray(0.07 if names[-1] == "temp" else 0.5, dtype)
+    if len(shape) == 1:
+      if names[-1] == "scale":
+        return np.ones(shape, dtype)
+      if names[-1].startswith("lambda"):
+        return np.full(shape, 0.1, dtype)
+      return np.zeros(shape, dtype)
+    return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
 def resolve_args(args) -> None:
@@ -320,7 +354,8 @@ def run(args) -> dict:
             "text_len": args.text_len, "dtype": cfg.dtype, "remat": bool(cfg.remat),
             "losses": "+".join(k for k, w in weights.items() if w), "no_dropout": args.no_dropout,
             "batch_per_device": args.batch, "global_batch": global_batch,
-            "compile_cache": bool(args.compile_cache), "load_before": load_str()}
+            "compile_cache": bool(args.compile_cache), "init": args.init,
+            "load_before": load_str()}
   print(f"[train_step] {result['config']}", flush=True)
   print(f"[train_step] losses {result['losses']}, batch {args.batch}/device x {n_dev} devices "
         f"({result['device_kind']}, jax {jax.__version__}); {load_str()}", flush=True)
@@ -338,7 +373,17 @@ def run(args) -> dict:
   shardings = state_lib.state_shardings(abstract, mesh)
   graphdef = state_lib.model_graphdef(cfg)
   t0 = time.perf_counter()
-  state = state_lib.create_sharded_state(cfg, tx, 0, shardings)
+  if args.init == "real":
+    state = state_lib.create_sharded_state(cfg, tx, 0, shardings)
+  else:
+    params = jax.device_put(synthetic_params(abstract["params"]), shardings["params"])
+    state = {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(17, impl=state_lib.PRNG_IMPL)),
+                              shardings["rng"]),
+    }
   jax.block_until_ready(state)
   result["init_s"] = time.perf_counter() - t0
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
@@ -378,7 +423,8 @@ def run(args) -> dict:
   result["fits_predicted"] = fits
   print(f"[train_step] lower {result['lower_s']:.1f} s, compile {result['compile_s']:.1f} s; "
         f"compiled memory/device {gib(result['compiled_total_bytes'])} "
-        f"(temp {gib(result['compiled_temp_bytes'])}, args {gib(result['compiled_argument_bytes'])}); "
+        f"(temp {gib(result['compiled_temp_bytes'])}, "
+        f"args {gib(result['compiled_argument_bytes'])}); "
         f"device limit {gib(limit)}", flush=True)
 
   if args.json_out and not args.compile_only:
