@@ -3,6 +3,7 @@ r"""Train, evaluate or search with a recipe config.
   python main.py --config configs/demo.py --workdir runs/demo
   python main.py --config configs/didemo_ft.py --workdir runs/didemo --mode eval
   python main.py --config configs/msrvtt_ft.py:tiny --workdir /tmp/t --config.optimizer.lr=3e-5
+  python main.py --config configs/msrvtt_ft.py --mode prepare --config.data_root=/data
 
 Any config field can be overridden with --config.<field>=<value>; the config is locked,
 so a misspelt field fails at once and lists the valid ones.
@@ -19,17 +20,20 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval", "search"],
+_MODE = flags.DEFINE_enum("mode", "train_and_eval",
+                          ["train", "eval", "train_and_eval", "search", "prepare"],
                           "train: train only; eval: evaluate the latest checkpoint (or "
                           "--config.init_from); train_and_eval: train, then evaluate; search: "
-                          "rank videos for --query.")
+                          "rank videos for --query; prepare: write the JPEG frame shards of "
+                          "every train and eval corpus to data.prepared_dir (resumable; then "
+                          "train with --config.data.source=prepared).")
 _QUERY = flags.DEFINE_string("query", None, "Text query for --mode search.")
 _VIDEOS = flags.DEFINE_string("videos", None, "Folder of videos for --mode search (default: the "
                               "test split of the config's first eval corpus).")
 _TOP = flags.DEFINE_integer("top", 5, "Results shown by --mode search.")
 _EXPLAIN = flags.DEFINE_bool("explain", False, "--mode search: write a PNG per top result "
                              "showing how much each frame's T2V attention went to the text.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])  # and --workdir, except for --mode prepare
 
 
 def _load_recipe(spec: str):
@@ -81,11 +85,16 @@ def main(argv):
   from t2v2t_jax.training import run_setup  # noqa: PLC0415
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  if mode != "prepare" and not workdir:
+    raise app.UsageError(f"--workdir is required for --mode {mode}")
   logging.set_verbosity(logging.WARNING)
   run_setup.maybe_initialize_distributed(config)
   try:
     run_setup.prepare_data(config)
     run_setup.check_config(config, mode)  # fails before any compilation
+    if mode == "prepare":
+      from input_pipeline import prepare  # noqa: PLC0415
+      prepare.check_config(config.data)  # every annotation file and setting, before any work
   except (FileNotFoundError, ValueError) as e:
     sys.stderr.write(f"FATAL: {e}\n")
     sys.exit(2)
@@ -98,7 +107,14 @@ def main(argv):
 
 
 def _run(config, workdir, mode):
-  if mode in ("train", "train_and_eval"):
+  if mode == "prepare":
+    from input_pipeline import prepare  # noqa: PLC0415
+    try:
+      prepare.prepare_from_config(config.data)
+    except (prepare.PrepareInterrupted, ValueError) as e:
+      sys.stderr.write(f"FATAL: {e}\n")
+      sys.exit(1)
+  elif mode in ("train", "train_and_eval"):
     from t2v2t_jax.training import train  # noqa: PLC0415
     train.train_and_evaluate(config, workdir, evaluate_at_end=mode == "train_and_eval")
   elif mode == "eval":

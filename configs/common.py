@@ -38,6 +38,7 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
   c.data_root = "data"                 # every corpus path below is relative to this folder
   c.model = model_config(vision, text, fusion_mode)
   c.data = data_config()
+  c.data.prepared_dir = c.get_ref("data_root") + "/prepared"  # shards of `--mode prepare`
   c.optimizer = optimizer_config()
   c.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0))
   c.batch_size = 512                   # global batch (all devices, all hosts)

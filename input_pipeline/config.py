@@ -30,6 +30,20 @@ Fields of `data_config()`:
   failure_min_samples  ... once at least this many samples were read.
   failures_listed    how many failures the stop message lists.
   num_epochs         None: repeat forever (the train loop counts steps); else that many epochs.
+  source             where clips come from: 'raw' (decode the videos named by the annotation
+                     files) or 'prepared' (read the JPEG frame shards that `--mode prepare`
+                     wrote under `prepared_dir`; docs/data.md, "Preparing a corpus").
+  prepared_dir       folder of the prepared shards, one sub-folder per corpus name (recipes:
+                     `{data_root}/prepared`).
+  prepare_fps        frame rate the prepare step keeps (SPEC 6: 2); 0 keeps every frame. A
+                     corpus config may set its own.
+  prepare_short_side  the prepare step resizes frames whose short side is longer to this
+                     many pixels (SPEC 6: 224 WebVid, MSR-VTT; 360 DiDeMo, ActivityNet); 0
+                     keeps the size. A corpus config may set its own.
+  prepare_jpeg_quality  JPEG quality (1-95) of the prepared frames (4:2:0 chroma).
+  prepare_shard_size  videos per prepared shard (the unit of work and of resumption).
+  prepare_workers    processes that decode and write shards in `--mode prepare` (0: one per
+                     core).
 
 Frame counts and image size are not here: they are part of the recipe (train and
 inference frames differ, SPEC 7) and are passed to the pipeline functions explicitly.
@@ -40,11 +54,13 @@ from __future__ import annotations
 import ml_collections
 
 CORPUS_KINDS = ("video", "image")
+DATA_SOURCES = ("raw", "prepared")
 
 
 def corpus_config(name: str, anno_file: str, media_root: str, *, kind: str = "video",
                   paragraph: bool = False, max_seconds: float | None = None,
-                  max_len: int | None = None) -> ml_collections.ConfigDict:
+                  max_len: int | None = None, prepare_fps: float | None = None,
+                  prepare_short_side: int | None = None) -> ml_collections.ConfigDict:
   """One annotation file and the folder its media paths are relative to.
 
   Args:
@@ -58,6 +74,10 @@ def corpus_config(name: str, anno_file: str, media_root: str, *, kind: str = "vi
       first 30 s); None: the whole video.
     max_len: text length for this eval corpus; None: the data config's `max_len`.
       (Training uses `data.max_len` for every corpus.)
+    prepare_fps: frame rate `--mode prepare` keeps for this corpus; None: the data config's
+      `prepare_fps`.
+    prepare_short_side: short side `--mode prepare` resizes this corpus's frames to (360 for
+      DiDeMo and ActivityNet in SPEC 6); None: the data config's `prepare_short_side`.
   """
   if kind not in CORPUS_KINDS:
     raise ValueError(f"corpus {name!r}: kind={kind!r} is not one of {CORPUS_KINDS}")
@@ -69,6 +89,8 @@ def corpus_config(name: str, anno_file: str, media_root: str, *, kind: str = "vi
   c.paragraph = paragraph
   c.max_seconds = ml_collections.FieldReference(max_seconds, field_type=float)
   c.max_len = ml_collections.FieldReference(max_len, field_type=int)
+  c.prepare_fps = ml_collections.FieldReference(prepare_fps, field_type=float)
+  c.prepare_short_side = ml_collections.FieldReference(prepare_short_side, field_type=int)
   return c
 
 
@@ -88,7 +110,21 @@ def data_config() -> ml_collections.ConfigDict:
   c.failure_min_samples = 1000
   c.failures_listed = 10
   c.num_epochs = ml_collections.FieldReference(None, field_type=int)
+  c.source = "raw"
+  c.prepared_dir = ""
+  c.prepare_fps = 2.0
+  c.prepare_short_side = 224
+  c.prepare_jpeg_quality = 90
+  c.prepare_shard_size = 128
+  c.prepare_workers = 0
   return c
+
+
+def check_source(source: str) -> str:
+  """`source` if it is one of `DATA_SOURCES`, else a ValueError naming the choices."""
+  if source not in DATA_SOURCES:
+    raise ValueError(f"data.source={source!r} is not one of {DATA_SOURCES}")
+  return source
 
 
 def corpus_field(corpus, key: str, default=None):

@@ -10,6 +10,11 @@ all-image or all-video, in a seeded order, and an epoch covers every corpus), re
 and read by Grain worker processes (`mp_prefetch`); the captions of each batch are
 tokenized as it arrives in the main process.
 
+Clips come from the media files (`data.source = 'raw'`: PyAV decoding, `video_decode`)
+or from the frames `--mode prepare` stored for the corpus (`'prepared'`, under
+`data.prepared_dir`: `prepared_source`), with the same frame sampling, augmentation and
+bad-file accounting; the prepared folder is checked when the dataset is built.
+
 Determinism: every random choice (shuffles, frame sampling, crop, flip, substitutes for
 bad files) comes from Grain's seeded transforms; `random_map` hands each record a
 generator seeded by its position in the globally shuffled epoch. Worker processes each
@@ -41,7 +46,8 @@ from input_pipeline import bad_data
 from input_pipeline import transforms
 from input_pipeline import video_decode
 from input_pipeline.annotations import Corpus, load_corpus_from_config
-from input_pipeline.config import corpus_field
+from input_pipeline.config import check_source, corpus_field
+from input_pipeline.prepared_source import PreparedFrames
 from input_pipeline.text import CaptionEncoder, load_tokenizer
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -65,39 +71,56 @@ def _as_tokenizer(tokenizer):
 
 class _MediaReader:
   """Reads one clip (or image) of a corpus, raising `bad_data.MediaError` or the decoder's
-  error when the file cannot give it."""
+  error when the file cannot give it: from the media file (`prepared` None), or from the
+  corpus's prepared frames (`prepared_source.PreparedFrames`), sampled the same way."""
 
-  def __init__(self, corpus: Corpus, num_frames: int, mode: str, max_seconds: float | None):
+  def __init__(self, corpus: Corpus, num_frames: int, mode: str, max_seconds: float | None,
+               prepared: PreparedFrames | None = None):
     self.corpus = corpus
     self.num_frames = 1 if corpus.kind == "image" else int(num_frames)
     self.mode = mode
     self.max_seconds = max_seconds
+    self.prepared = prepared
 
-  def read(self, path: str, rng: np.random.Generator | None) -> np.ndarray:
-    bad_data.check_file(path)
-    if self.corpus.kind == "image":
-      return video_decode.read_image(path)
-    frames, _ = video_decode.read_clip(path, self.num_frames, self.mode, rng,
-                                       max_seconds=self.max_seconds)
+  def read(self, video_idx: int, rng: np.random.Generator | None) -> np.ndarray:
+    path = self.corpus.media_path(video_idx)
+    if self.prepared is not None:
+      frames, _ = self.prepared.read_clip(video_idx, self.num_frames, self.mode, rng)
+    else:
+      bad_data.check_file(path)
+      if self.corpus.kind == "image":
+        return video_decode.read_image(path)
+      frames, _ = video_decode.read_clip(path, self.num_frames, self.mode, rng,
+                                         max_seconds=self.max_seconds)
     if frames.shape[0] != self.num_frames:
       raise bad_data.MediaError("too_few_frames", path,
                                 f"decoded {frames.shape[0]} of {self.num_frames} frames")
     return frames
 
 
+def _prepared_frames(corpus: Corpus, corpus_cfg, source: str, prepared_dir: str | None
+                     ) -> PreparedFrames | None:
+  """The prepared frames of a corpus when `source` is 'prepared' (checked now: a missing,
+  unfinished or stale folder fails here, naming its path), else None."""
+  if check_source(source) == "raw":
+    return None
+  return PreparedFrames(corpus, prepared_dir or "", corpus_field(corpus_cfg, "max_seconds"))
+
+
 class _TrainExample(_MediaReader):
   """`random_map` transform: training-pair index -> augmented clip and its caption."""
 
   def __init__(self, corpus: Corpus, *, num_frames: int, image_size: int,
-               max_seconds: float | None, max_attempts: int):
-    super().__init__(corpus, num_frames, "rand", max_seconds)
+               max_seconds: float | None, max_attempts: int,
+               prepared: PreparedFrames | None = None):
+    super().__init__(corpus, num_frames, "rand", max_seconds, prepared)
     self.image_size = int(image_size)
     self.max_attempts = int(max_attempts)
 
   def __call__(self, pair_index, rng: np.random.Generator) -> dict[str, Any]:
     corpus = self.corpus
     frames, pair_index, failures = bad_data.load_with_substitutes(
-        lambda i: self.read(corpus.pair_path(i), rng), int(pair_index), corpus.num_pairs,
+        lambda i: self.read(int(corpus.pair_video[i]), rng), int(pair_index), corpus.num_pairs,
         rng, self.max_attempts, corpus.pair_path)
     frames = transforms.train_transform(frames, self.image_size, rng)
     return {"frames": np.ascontiguousarray(frames, np.uint8),
@@ -156,6 +179,7 @@ def make_train_dataset(data_cfg, *, tokenizer, global_batch_size: int, num_frame
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                      f"process_count={process_count}")
   local_batch = global_batch_size // process_count
+  source = check_source(data_cfg.get("source", "raw"))
   corpora = _load_train_corpora(data_cfg)
   tokenizer = _as_tokenizer(tokenizer if tokenizer is not None else data_cfg.tokenizer)
 
@@ -171,7 +195,9 @@ def make_train_dataset(data_cfg, *, tokenizer, global_batch_size: int, num_frame
                        f"set data.max_len instead")
     example = _TrainExample(corpus, num_frames=num_frames, image_size=image_size,
                             max_seconds=corpus_field(cfg, "max_seconds"),
-                            max_attempts=data_cfg.max_attempts)
+                            max_attempts=data_cfg.max_attempts,
+                            prepared=_prepared_frames(corpus, cfg, source,
+                                                      data_cfg.get("prepared_dir")))
     ds = grain.MapDataset.range(corpus.num_pairs)
     ds = ds.shuffle(seed=derive_seed(seed, corpus_id, 0))
     # Before sharding: a record's RNG depends on its place in the global epoch only.
@@ -213,8 +239,8 @@ class _EvalExample(_MediaReader):
   (a substitute would break the ground truth) and is reported like a training failure."""
 
   def __init__(self, corpus: Corpus, *, num_frames: int, image_size: int,
-               max_seconds: float | None):
-    super().__init__(corpus, num_frames, "middle", max_seconds)
+               max_seconds: float | None, prepared: PreparedFrames | None = None):
+    super().__init__(corpus, num_frames, "middle", max_seconds, prepared)
     self.image_size = int(image_size)
 
   def __call__(self, item) -> dict[str, Any]:
@@ -222,7 +248,7 @@ class _EvalExample(_MediaReader):
     path = self.corpus.media_path(video_idx)
     failures = []
     try:
-      frames = transforms.eval_transform(self.read(path, None), self.image_size)
+      frames = transforms.eval_transform(self.read(video_idx, None), self.image_size)
     except Exception as e:  # pylint: disable=broad-except
       failures.append(bad_data.classify(path, e))
       frames = np.zeros((self.num_frames, self.image_size, self.image_size, 3), np.uint8)
@@ -261,9 +287,12 @@ class EvalData:
 def make_eval_data(corpus_cfg, *, tokenizer, num_frames: int, image_size: int,
                    max_len: int = 32, add_sep: bool = False, batch_size: int | None = None,
                    num_workers: int = 0, worker_threads: int = 1, prefetch: int = 2,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> EvalData:
+                   process_index: int | None = None, process_count: int | None = None,
+                   source: str = "raw", prepared_dir: str | None = None) -> EvalData:
   """The eval set of one corpus (`config.corpus_config`; its `max_len` overrides `max_len`).
+
+  `source`, `prepared_dir`: `data.source` and `data.prepared_dir` ('raw': decode the
+  videos; 'prepared': read the corpus's prepared frames under `prepared_dir`).
 
   With several processes (or a batch size), the video list is padded by repeating the
   last video (`valid` = 0) so that every process gets the same number of full batches;
@@ -282,7 +311,8 @@ def make_eval_data(corpus_cfg, *, tokenizer, num_frames: int, image_size: int,
   valid = (np.arange(padded) < n).astype(np.int32)
   items = np.stack([ids, valid], axis=1)[process_index::process_count]
   example = _EvalExample(corpus, num_frames=num_frames, image_size=image_size,
-                         max_seconds=corpus_field(corpus_cfg, "max_seconds"))
+                         max_seconds=corpus_field(corpus_cfg, "max_seconds"),
+                         prepared=_prepared_frames(corpus, corpus_cfg, source, prepared_dir))
   videos = grain.MapDataset.source(list(map(tuple, items.tolist()))).map(example)
   if batch_size:
     videos = _read(videos.batch(batch_size), num_workers=num_workers, threads=worker_threads,

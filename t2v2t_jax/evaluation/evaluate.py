@@ -40,6 +40,7 @@ def evaluate_all(config, params, graphdef, mesh, tokenizer, workdir: str, step: 
         corpus_cfg, tokenizer=tokenizer, num_frames=config.eval.num_frames,
         image_size=config.model.vision.image_size, max_len=config.data.max_len,
         add_sep=config.data.add_sep, batch_size=per_process_batch,
+        source=config.data.source, prepared_dir=config.data.prepared_dir,
         num_workers=config.data.num_workers, worker_threads=config.data.worker_threads,
         prefetch=config.data.prefetch)
     res = evaluator.evaluate(params, data, num_frames=data.num_frames)

@@ -8,6 +8,7 @@ import os
 import jax
 
 from input_pipeline import annotations as annotations_lib
+from input_pipeline import prepared_source
 from input_pipeline import text as text_lib
 from t2v2t_jax.models.config import validate_model_config
 
@@ -71,6 +72,8 @@ def check_config(config, mode: str) -> None:
             f"--config.data_root to the folder that holds your data)")
     # Every entry is checked now (keys, types), so a malformed file fails before compiling.
     annotations_lib.load_corpus_from_config(corpus)
+  # With data.source='prepared', every corpus must be prepared (and match its annotations).
+  prepared_source.check_sources(config.data, corpora)
 
 
 def save_config(config, workdir: str) -> None:
