@@ -87,6 +87,7 @@ def model_config(vision: str = "B/16", text: str = "base", fusion_mode: str = "t
   c.fusion.t2v_ffn = True                # DECISION: the T2V block has a gated FFN
 
   c.embed_dim = 256
+  c.init_std = 0.02                      # std of new dense/embedding weights (BERT, BEiT); only from-scratch training changes it
   c.temp_init = 0.07
   c.temp_min = 0.001
   c.temp_max = 0.5
