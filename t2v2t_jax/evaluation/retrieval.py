@@ -5,8 +5,13 @@ pairs by the mean over frames of cosine similarities. Stage 2 reranks each query
 candidates with the matching head on the fusion encoder's output, in both directions.
 
 Reranking is organised by video: the union of the text->video and video->text top-k
-pairs is sorted by video, so each video's tokens travel to the device once per batch of
-its pairs, and a pair wanted by both directions is scored once. For `t2v2t` the T2V
+pairs is sorted by video and cut into batches of at most `rerank_batch_size` pairs and
+`videos_per_batch` distinct videos. Each batch sends its distinct videos' tokens to the
+device once (replicated) with, per pair, an index into them; the pairs' tokens are
+gathered on the device. With k candidates per query a video has about 2k pairs, so a
+batch needs one to a few videos' tokens instead of one copy per pair (the host->device
+traffic per pair drops by about the number of pairs per video). A pair wanted by both
+directions is scored once. For `t2v2t` the T2V
 block depends on the text, so it is recomputed for every pair (inside `fuse`).
 Video tokens are kept on the host in float16 (or in a memory-mapped file for very long
 corpora such as ActivityNet at 32 frames), never all on the device at once.
@@ -46,13 +51,21 @@ class RetrievalEvaluator:
 
   def __init__(self, graphdef, mesh, *, k: int = 128, rerank_batch_size: int = 128,
                text_batch_size: int = 256, alpha: float = 0.0, token_cache_dir: str | None = None,
-               progress: bool = True):
+               progress: bool = True, videos_per_batch: int | None = None):
     self.graphdef, self.mesh = graphdef, mesh
     self.k, self.alpha = int(k), float(alpha)
     n_dev = mesh.size
     # Every batch sent to the device is a multiple of the device count.
     self.rerank_batch_size = max(n_dev, (int(rerank_batch_size) // n_dev) * n_dev)
     self.text_batch_size = max(n_dev, (int(text_batch_size) // n_dev) * n_dev)
+    # Most distinct videos in a rerank batch. A quarter of the batch keeps batches full when
+    # videos have >= 4 candidate pairs each (the usual case: about 2k); with fewer pairs
+    # per video batches run part-full rather than send more. The videos sent are padded
+    # to a power of two, so the scorer compiles for at most log2(videos_per_batch) + 1
+    # shapes.
+    self.videos_per_batch = int(videos_per_batch or max(1, self.rerank_batch_size // 4))
+    # Bytes sent to the device by the last `score_candidates` (benchmarks report them).
+    self.transfer_stats: dict = {}
     self.token_cache_dir = token_cache_dir
     self.progress = progress
     self.batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -68,8 +81,11 @@ class RetrievalEvaluator:
       hidden, _ = m.encode_text(ids, mask)
       return m.text_embedding(hidden), hidden
 
-    def score_pairs(params, text_hidden, text_mask, video_tokens):
+    def score_pairs(params, text_hidden, text_mask, videos, video_index):
+      # videos [U, T, N, D] replicated; video_index [P] sharded like the pairs: the gather
+      # happens on the device, so each distinct video crossed the host link once.
       m = model(params)
+      video_tokens = jnp.take(videos, video_index, axis=0)
       fused, _ = m.fuse(text_hidden, text_mask, video_tokens.astype(m.dtype or jnp.float32))
       return m.itm_logits(fused)[:, 1]
 
@@ -81,6 +97,11 @@ class RetrievalEvaluator:
     """Host arrays that are identical on every process -> global arrays split over devices."""
     return [jax.make_array_from_callback(a.shape, self.batch_sharding, lambda idx, a=a: a[idx])
             for a in arrays]
+
+  def _put_replicated(self, array):
+    """A host array identical on every process -> one copy on every device."""
+    sharding = sharding_lib.replicated(self.mesh)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
   def _put_local(self, *arrays):
     """Each process's own rows -> one global array (multi-host evaluation of videos)."""
@@ -150,19 +171,54 @@ class RetrievalEvaluator:
     pairs = np.unique(pairs, axis=0)  # sorted by video, then text
     return pairs, top_v_for_t, top_t_for_v
 
+  def rerank_batches(self, pairs) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `pairs` (sorted by video): at most `rerank_batch_size`
+    pairs and `videos_per_batch` distinct videos each."""
+    bounds, start, n = [], 0, len(pairs)
+    vids = np.asarray(pairs[:, 0]) if n else np.zeros(0, np.int64)
+    while start < n:
+      stop = min(start + self.rerank_batch_size, n)
+      # Distinct videos in [start, stop): pairs are sorted, so count changes of video.
+      changes = np.flatnonzero(vids[start + 1:stop] != vids[start:stop - 1])
+      if len(changes) >= self.videos_per_batch:  # cut before the (cap+1)-th video
+        stop = start + 1 + int(changes[self.videos_per_batch - 1])
+      bounds.append((start, stop))
+      start = stop
+    return bounds
+
   def score_candidates(self, params, pairs, text_hidden, text_mask, video_tokens):
+    """Matching-head logit for each (video, text) row of `pairs`, in the order given.
+
+    The pairs are scored grouped by video (`candidate_pairs` already sorts them so)."""
+    given = np.asarray(pairs)
+    order = np.argsort(given[:, 0], kind="stable") if len(given) else np.zeros(0, np.int64)
+    pairs = given[order]
     scores = np.zeros(len(pairs), np.float32)
-    bs = self.rerank_batch_size
+    bs, nu = self.rerank_batch_size, self.videos_per_batch
+    video_bytes = text_bytes = 0
+    batches = self.rerank_batches(pairs)
     with Progress(len(pairs), "rerank pairs", enabled=self.progress) as bar:
-      for start in range(0, len(pairs), bs):
-        chunk = pairs[start:start + bs]
+      for start, stop in batches:
+        chunk = pairs[start:stop]
         b = len(chunk)
-        vids, txts = _pad_to(chunk[:, 0], bs), _pad_to(chunk[:, 1], bs)
-        out = self._score_pairs(params, *self._put(text_hidden[txts], text_mask[txts],
-                                                   np.asarray(video_tokens[vids])))
-        scores[start:start + b] = to_host(out)[:b]
+        uniq, index = np.unique(chunk[:, 0], return_inverse=True)
+        # Padded to a power of two (<= videos_per_batch compiled shapes, log2 many) so
+        # that a batch of one video's pairs sends one video, not videos_per_batch.
+        padded = min(nu, 1 << (len(uniq) - 1).bit_length())
+        videos = np.asarray(video_tokens[_pad_to(uniq, padded)])  # padding rows: unused
+        txts = _pad_to(chunk[:, 1], bs)
+        hidden, mask, index = text_hidden[txts], text_mask[txts], _pad_to(index.reshape(-1), bs)
+        out = self._score_pairs(params, *self._put(hidden, mask), self._put_replicated(videos),
+                                *self._put(index.astype(np.int32)))
+        scores[start:stop] = to_host(out)[:b]
+        video_bytes += videos.nbytes
+        text_bytes += hidden.nbytes + mask.nbytes
         bar.update(b)
-    return scores
+    self.transfer_stats = dict(pairs=len(pairs), batches=len(batches), video_bytes=video_bytes,
+                               text_bytes=text_bytes)
+    out = np.empty_like(scores)
+    out[order] = scores
+    return out
 
   def evaluate(self, params, data, *, num_frames: int | None = None) -> dict:
     video_emb, video_tokens = self.embed_videos(params, data)
