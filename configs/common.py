@@ -2,7 +2,8 @@
 
 A recipe's `get_config(arg)` builds on `base_config()`; `arg` is a comma-separated list:
   tiny             the tiniest model (vision 'test/16' at 32 px, text 'test'), 2 frames,
-                   batch 4, a few steps, synthetic demo data unless data_root is set:
+                   batch 4, a few steps, a small synthetic dataset (data/synthetic_tiny,
+                   created on first use) unless data_root is set:
                    for tests and quick local runs of any recipe.
   mode=<fusion>    fusion mode: v2t | t2v2t | t2v2t_naive | joint.
 """
@@ -15,7 +16,9 @@ from input_pipeline.config import corpus_config, data_config
 from t2v2t_jax.models.config import model_config
 from t2v2t_jax.training.optimizer import optimizer_config
 
-SYNTHETIC_DEFAULT_ROOT = "data/synthetic"
+# `:tiny` runs get their own small synthetic set, apart from the demo's `data/synthetic`
+# (a folder holds one dataset; run_setup.prepare_data refuses one made with other settings).
+SYNTHETIC_DEFAULT_ROOT = "data/synthetic_tiny"
 
 
 def parse_arg(arg: str | None) -> dict:

@@ -3,6 +3,7 @@ multi-host initialisation, tokenizer, step counts."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -30,6 +31,24 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def _check_synthetic_settings(root: str, syn) -> None:
+  """An existing synthetic dataset must match the config's generation settings: a recipe
+  that changed them (frame size, counts, seed) would otherwise train on stale data."""
+  info_path = os.path.join(root, "dataset_info.json")
+  if not os.path.isfile(info_path):
+    return  # a user's own dataset in VindLU format: nothing to compare
+  with open(info_path) as f:
+    info = json.load(f)
+  wanted = {"seed": syn.seed, "size": syn.size, "fps": syn.fps, "num_frames": syn.num_frames,
+            "counts": {"train": syn.num_train, "val": syn.num_val, "test": syn.num_test}}
+  found = {k: info.get(k) for k in wanted}
+  if found != wanted:
+    diff = ", ".join(f"{k}: {found[k]} (config: {wanted[k]})" for k in wanted if found[k] != wanted[k])
+    raise ValueError(
+        f"The synthetic dataset in {root} was generated with other settings ({diff}). "
+        f"Delete {root} to regenerate it, or set --config.data_root to another folder.")
+
+
 def prepare_data(config) -> None:
   """Creates the synthetic dataset at `data_root` if the config asks for it and it is absent."""
   syn = config.get("synthetic", None)
@@ -37,6 +56,7 @@ def prepare_data(config) -> None:
     return
   root = config.data_root
   if os.path.isfile(os.path.join(root, "train.json")):
+    _check_synthetic_settings(root, syn)
     return
   # Other hosts wait at the barrier below until process 0 has written the files.
   if jax.process_index() == 0:
