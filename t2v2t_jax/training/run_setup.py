@@ -31,19 +31,27 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+AUTO_CREATED = "created_by_recipe.json"  # written by prepare_data next to the dataset
+
+
+def _synthetic_settings(syn) -> dict:
+  return {"seed": syn.seed, "size": syn.size, "fps": syn.fps, "num_frames": syn.num_frames,
+          "counts": {"train": syn.num_train, "val": syn.num_val, "test": syn.num_test}}
+
+
 def _check_synthetic_settings(root: str, syn) -> None:
-  """An existing synthetic dataset must match the config's generation settings: a recipe
-  that changed them (frame size, counts, seed) would otherwise train on stale data."""
-  info_path = os.path.join(root, "dataset_info.json")
-  if not os.path.isfile(info_path):
-    return  # a user's own dataset in VindLU format: nothing to compare
-  with open(info_path) as f:
-    info = json.load(f)
-  wanted = {"seed": syn.seed, "size": syn.size, "fps": syn.fps, "num_frames": syn.num_frames,
-            "counts": {"train": syn.num_train, "val": syn.num_val, "test": syn.num_test}}
-  found = {k: info.get(k) for k in wanted}
+  """A synthetic dataset that a recipe created (`AUTO_CREATED` marker) must match the
+  config's generation settings: a recipe whose settings changed (frame size, counts,
+  seed) would otherwise train on stale data. Datasets made by hand are not checked."""
+  marker = os.path.join(root, AUTO_CREATED)
+  if not os.path.isfile(marker):
+    return
+  with open(marker) as f:
+    found = json.load(f)
+  wanted = _synthetic_settings(syn)
   if found != wanted:
-    diff = ", ".join(f"{k}: {found[k]} (config: {wanted[k]})" for k in wanted if found[k] != wanted[k])
+    diff = ", ".join(f"{k}: {found.get(k)} (config: {wanted[k]})" for k in wanted
+                     if found.get(k) != wanted[k])
     raise ValueError(
         f"The synthetic dataset in {root} was generated with other settings ({diff}). "
         f"Delete {root} to regenerate it, or set --config.data_root to another folder.")
@@ -65,6 +73,8 @@ def prepare_data(config) -> None:
     synthetic.generate_dataset(root, num_train=syn.num_train, num_val=syn.num_val,
                                num_test=syn.num_test, seed=syn.seed, size=syn.size, fps=syn.fps,
                                num_frames=syn.num_frames)
+    with open(os.path.join(root, AUTO_CREATED), "w") as f:
+      json.dump(_synthetic_settings(syn), f)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("synthetic dataset ready")
