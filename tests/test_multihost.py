@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_helpers import take_batches
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -61,11 +62,7 @@ def _train_batches(data_root, steps, process_index, process_count):
       config.data, tokenizer=None, global_batch_size=BATCH, num_frames=config.num_frames,
       image_size=config.model.vision.image_size, seed=config.seed,
       process_index=process_index, process_count=process_count)
-  it = iter(ds)
-  try:
-    return [next(it) for _ in range(steps)]
-  finally:
-    it.close()
+  return take_batches(ds, steps)
 
 
 def test_process_shards_concatenate_to_the_global_batch_and_cover_the_epoch(data_root):

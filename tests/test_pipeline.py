@@ -16,6 +16,7 @@ from input_pipeline import bad_data, pipeline, transforms, video_decode
 from input_pipeline.config import corpus_config, data_config
 from input_pipeline.frame_sampling import sample_frame_indices
 from input_pipeline.synthetic import generate_dataset, write_video
+from pipeline_helpers import take_batches
 
 NUM_VIDEOS, FRAMES_PER_VIDEO, NUM_PAIRS, NUM_IMAGES = 8, 8, 16, 8
 T, SIZE, MAX_LEN = 4, 16, 4
@@ -93,11 +94,7 @@ def take(cfg, n, *, global_batch=4, seed=0, process_index=0, process_count=1):
   ds = pipeline.make_train_dataset(cfg, tokenizer=None, global_batch_size=global_batch,
                                    num_frames=T, image_size=SIZE, seed=seed,
                                    process_index=process_index, process_count=process_count)
-  it = iter(ds)
-  try:
-    return [next(it) for _ in range(n)]
-  finally:
-    it.close()
+  return take_batches(ds, n)
 
 
 def caption_numbers(batch):

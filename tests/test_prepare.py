@@ -22,6 +22,7 @@ from input_pipeline import bad_data, pipeline, prepare, prepared_source, transfo
 from input_pipeline.annotations import load_corpus
 from input_pipeline.config import corpus_config, data_config
 from input_pipeline.synthetic import generate_dataset, write_video
+from pipeline_helpers import take_batches
 
 T, SIZE = 4, 48
 # JPEG tolerance (quality 90, 4:2:0), in uint8 levels: the mean absolute difference and
@@ -79,14 +80,9 @@ def _data_cfg(paths, source, prepared_dir):
 
 
 def _batches(cfg, n=3, batch_size=6):
-  it = iter(pipeline.make_train_dataset(cfg, tokenizer=None, global_batch_size=batch_size,
-                                        num_frames=T,
-                                        image_size=SIZE, seed=3, process_index=0,
-                                        process_count=1))
-  try:
-    return [next(it) for _ in range(n)]
-  finally:
-    it.close()
+  return take_batches(pipeline.make_train_dataset(
+      cfg, tokenizer=None, global_batch_size=batch_size, num_frames=T, image_size=SIZE, seed=3,
+      process_index=0, process_count=1), n)
 
 
 def _assert_close(raw, prepared):
