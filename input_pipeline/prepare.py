@@ -45,6 +45,7 @@ from input_pipeline import bad_data, transforms, video_decode
 from input_pipeline import prepared_source as ps
 from input_pipeline.annotations import Corpus, load_corpus_from_config
 from input_pipeline.config import corpus_field
+from t2v2t_jax.progress import Progress
 
 TMP_DIR = "prepare_tmp"
 
@@ -314,35 +315,7 @@ def _finished_shard(directory: str, name: str, shard: int, num_shards: int,
   return info if info.get("num_records") == num_records else None
 
 
-class _Progress:
-  """A tqdm bar over videos when tqdm is there and `enabled`, else a line per ~10%."""
-
-  def __init__(self, total: int, desc: str, enabled: bool):
-    self.total, self.done, self.desc, self.enabled = total, 0, desc, enabled
-    self.start, self.bar, self.next_line = time.perf_counter(), None, 0
-    if enabled:
-      try:
-        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-        self.bar = tqdm(total=total, desc=desc, unit=" videos", mininterval=1.0,
-                        dynamic_ncols=True)
-      except ImportError:
-        pass
-
-  def update(self, n: int = 1) -> None:
-    self.done += n
-    if self.bar is not None:
-      self.bar.update(n)
-    elif self.enabled and self.done >= self.next_line:
-      rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-      print(f"  {self.desc}: {self.done}/{self.total} videos, {rate:.1f} videos/s", flush=True)
-      self.next_line = self.done + max(1, self.total // 10)
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
-
-
-def _run_tasks(tasks: list[_ShardTask], workers: int, progress: _Progress) -> list[dict]:
+def _run_tasks(tasks: list[_ShardTask], workers: int, progress: Progress) -> list[dict]:
   if workers <= 1 or len(tasks) <= 1:
     return [_write_shard(task, on_video=progress.update) for task in tasks]
   ctx = multiprocessing.get_context("spawn")  # the caller may hold threads (JAX, Grain)
@@ -467,12 +440,9 @@ def prepare_corpus(corpus: Corpus, prepared_dir: str, settings: Settings, *,
     print(f"Preparing {corpus.name} ({corpus.num_videos} videos, {num_shards} shards; "
           f"{len(finished)} already done) into {directory} with {min(workers, max(len(tasks), 1))} "
           f"worker(s): {settings.to_json()}", flush=True)
-  bar = _Progress(todo, corpus.name, progress)
-  try:
+  with Progress(todo, f"prepare {corpus.name} (videos)", enabled=progress) as bar:
     for info in _run_tasks(tasks, workers, bar):
       finished[info["shard"]] = info
-  finally:
-    bar.close()
   elapsed = time.perf_counter() - start
 
   shards = [finished[s] for s in range(num_shards)]
