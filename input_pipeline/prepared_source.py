@@ -277,14 +277,16 @@ class PreparedFrames:
     return np.stack([decoded[p] for p in positions]), positions
 
 
-def check_sources(data_cfg, corpus_cfgs) -> None:
+def check_sources(data_cfg, corpus_cfgs, corpora=None) -> None:
   """A run-level check before any work: `data.source` is valid and, when it is
   'prepared', every corpus of `corpus_cfgs` is prepared under `data.prepared_dir` (raises
-  as `check_prepared`)."""
+  as `check_prepared`). `corpora`: the corpora already loaded from `corpus_cfgs`, if the
+  caller has them (saves reading each annotation file again)."""
   from input_pipeline.annotations import load_corpus_from_config  # pylint: disable=g-import-not-at-top
   from input_pipeline.config import check_source, corpus_field  # pylint: disable=g-import-not-at-top
   if check_source(data_cfg.get("source", "raw")) == "raw":
     return
-  for corpus_cfg in corpus_cfgs:
-    check_prepared(load_corpus_from_config(corpus_cfg), data_cfg.get("prepared_dir", ""),
-                   corpus_field(corpus_cfg, "max_seconds"))
+  if corpora is None:
+    corpora = [load_corpus_from_config(c) for c in corpus_cfgs]
+  for corpus_cfg, corpus in zip(corpus_cfgs, corpora):
+    check_prepared(corpus, data_cfg.get("prepared_dir", ""), corpus_field(corpus_cfg, "max_seconds"))

@@ -92,6 +92,7 @@ def check_config(config, mode: str) -> None:
     corpora += list(config.data.train_corpora)
   if mode in ("eval", "train_and_eval"):
     corpora += list(config.data.eval_corpora)
+  loaded = []
   for corpus in corpora:
     for key in ("anno_file", "media_root"):
       path = corpus[key]
@@ -101,9 +102,9 @@ def check_config(config, mode: str) -> None:
             f"{key} of corpus {corpus['name']!r} not found: {path} ({DATA_HELP}; set "
             f"--config.data_root to the folder that holds your data)")
     # Every entry is checked now (keys, types), so a malformed file fails before compiling.
-    annotations_lib.load_corpus_from_config(corpus)
+    loaded.append(annotations_lib.load_corpus_from_config(corpus))
   # With data.source='prepared', every corpus must be prepared (and match its annotations).
-  prepared_source.check_sources(config.data, corpora)
+  prepared_source.check_sources(config.data, corpora, loaded)
 
 
 def save_config(config, workdir: str) -> None:
