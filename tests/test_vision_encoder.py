@@ -264,3 +264,40 @@ def test_bfloat16_compute_and_input_checks():
   assert flatten_params(enc)["layers.0.attention.query.kernel"].dtype == jnp.float32
   with pytest.raises(ValueError, match="multiple of the patch"):
     forward(enc, frames(1, 1, size=40))
+
+
+def test_temporal_block_matches_per_position_numpy_reference():
+  """The temporal block attends over time in place ([B,T,N,D] einsums); a plain numpy
+  version of the textbook form (each token position's T frames as one sequence) must
+  give the same output."""
+  from t2v2t_jax.models.vision_encoder import TemporalAttention  # noqa: PLC0415
+  b, t, n, d, heads = 2, 3, 5, 16, 2
+  block = TemporalAttention(d, heads, eps=1e-6, drop_path_rate=0.0, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  updates = {k: (rng.normal(size=v.shape) * 0.4).astype(np.float32)
+             for k, v in flatten_params(block).items()}
+  updates["norm.scale"] = 1.0 + updates["norm.scale"]
+  updates["scale"] = np.float32(0.7)
+  assign_params(block, updates)
+  x = rng.normal(size=(b, t, n, d)).astype(np.float32)
+  got = np.asarray(block(jnp.asarray(x), deterministic=True, rngs=None))
+
+  p = {k: np.asarray(v, np.float64) for k, v in flatten_params(block).items()}
+  hd = d // heads
+  want = np.empty_like(x, dtype=np.float64)
+  for bi in range(b):
+    for ni in range(n):
+      seq = x[bi, :, ni].astype(np.float64)                                # [T, D]
+      mu, var = seq.mean(-1, keepdims=True), seq.var(-1, keepdims=True)
+      y = (seq - mu) / np.sqrt(var + 1e-6) * p["norm.scale"] + p["norm.bias"]
+      proj = {z: y @ p[f"attention.{z}.kernel"] + p[f"attention.{z}.bias"]
+              for z in ("query", "key", "value")}
+      ctx = np.empty((t, d))
+      for h in range(heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        logits = proj["query"][:, sl] @ proj["key"][:, sl].T / np.sqrt(hd)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        ctx[:, sl] = (w / w.sum(-1, keepdims=True)) @ proj["value"][:, sl]
+      out = ctx @ p["out_proj.kernel"] + p["out_proj.bias"]
+      want[bi, :, ni] = seq + p["scale"] * out
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)

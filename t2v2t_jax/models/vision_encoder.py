@@ -277,12 +277,21 @@ class TemporalAttention(nnx.Module):
     self.drop_path = L.DropPath(drop_path_rate)
 
   def __call__(self, x, *, deterministic: bool, rngs: nnx.Rngs | None):
-    b, t, n, d = x.shape
-    y = x.transpose(0, 2, 1, 3).reshape(b * n, t, d)
-    y = self.norm(y)
-    y = self.attention(y, y, deterministic=deterministic, rngs=rngs)
+    # Attention over the time axis in place: LayerNorm and the projections are per token,
+    # so they run on [B, T, N, D] as it is, and only the [T, T] scores contract over time.
+    # The textbook form (transpose to [B*N, T, D], attend, transpose back) moved every
+    # layer's activations twice more; on XLA:CPU those copies cost more than the attention.
+    attn = self.attention
+    b, t, n, _ = x.shape
+    y = self.norm(x)
+    heads, hd = attn.num_heads, attn.head_dim
+    q = attn.query(y).reshape(b, t, n, heads, hd)
+    k = attn.key(y).reshape(b, t, n, heads, hd)
+    v = attn.value(y).reshape(b, t, n, heads, hd)
+    logits = jnp.einsum("btnhd,bsnhd->bnhts", q, k).astype(jnp.float32) * hd ** -0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    y = jnp.einsum("bnhts,bsnhd->btnhd", weights, v).reshape(b, t, n, heads * hd)
     y = self.out_proj(y)
-    y = y.reshape(b, n, t, d).transpose(0, 2, 1, 3)
     y = self.drop_path(y, deterministic=deterministic, rngs=rngs)
     return x + self.scale[...].astype(y.dtype) * y
 
