@@ -268,10 +268,12 @@ class TemporalAttention(nnx.Module):
   """`x + scale * drop_path(out_proj(MHA_time(norm(x))))` over the time axis of [B,T,N,D]."""
 
   def __init__(self, width: int, num_heads: int, *, eps: float, drop_path_rate: float,
-               rngs: nnx.Rngs, dtype=None, attention_impl: str = "auto"):
+               rngs: nnx.Rngs, dtype=None):
     self.norm = L.layer_norm(width, eps=eps, dtype=dtype, rngs=rngs)
+    # Only its q/k/v projections are used (the attention over T <= 32 frames is computed
+    # in place in `__call__`), so no `attention_impl` applies here.
     self.attention = L.MultiHeadAttention(width, width, num_heads, qkv_bias=(True, True, True),
-                                          dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+                                          dtype=dtype, rngs=rngs)
     self.out_proj = L.linear(width, width, dtype=dtype, rngs=rngs)
     self.scale = nnx.Param(jnp.zeros((), jnp.float32))
     self.drop_path = L.DropPath(drop_path_rate)
@@ -314,7 +316,7 @@ class BeitLayer(nnx.Module):
     self.lambda_2 = nnx.Param(jnp.full((d,), cfg.layer_scale_init, jnp.float32))
     self.drop_path = L.DropPath(drop_path_rate)
     self.temporal = TemporalAttention(d, heads, eps=eps, drop_path_rate=drop_path_rate, dtype=dtype,
-                                      attention_impl=attention_impl, rngs=rngs)
+                                      rngs=rngs)
 
   def __call__(self, x, *, grid: tuple[int, int], deterministic: bool, rngs: nnx.Rngs | None):
     b, t, n, d = x.shape
