@@ -15,6 +15,7 @@ missing media root raises `AnnotationError` naming the file and the entry index.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -134,6 +135,13 @@ def validate(anno_file: str, media_root: str, kind: str) -> list[tuple[str, list
   return entries
 
 
+# Start-up reads each annotation file from several places (the config check, the steps
+# per epoch, the dataset, the evaluator); a WebVid-size file takes tens of seconds to parse
+# and validate, so a file that has not changed on disk is read once per process.
+_CACHE_SIZE = 8
+_cache: collections.OrderedDict = collections.OrderedDict()
+
+
 def load_corpus(anno_file: str, media_root: str, *, kind: str = "video",
                 paragraph: bool = False, name: str | None = None) -> Corpus:
   """Validates and indexes one annotation file.
@@ -141,7 +149,32 @@ def load_corpus(anno_file: str, media_root: str, *, kind: str = "video",
   Training pairs: one per caption (a list of captions gives several pairs of the same
   video), or one per entry with the captions joined by a space in paragraph mode.
   Eval texts: the same texts in the same order, with text->video and video->texts maps.
+
+  The result is shared by every caller that loads the same unchanged file with the same
+  arguments (keyed on the file's size and modification time); treat it as read-only.
   """
+  try:
+    st = os.stat(anno_file)
+  except OSError:
+    st = None  # `validate` raises the error that names the file
+  key = None
+  if st is not None:
+    key = (os.path.realpath(anno_file), st.st_mtime_ns, st.st_size, media_root, kind,
+           paragraph, name)
+    if key in _cache and os.path.isdir(media_root):
+      _cache.move_to_end(key)
+      return _cache[key]
+  corpus = _load_corpus_uncached(anno_file, media_root, kind=kind, paragraph=paragraph,
+                                 name=name)
+  if key is not None:
+    _cache[key] = corpus
+    while len(_cache) > _CACHE_SIZE:
+      _cache.popitem(last=False)
+  return corpus
+
+
+def _load_corpus_uncached(anno_file: str, media_root: str, *, kind: str, paragraph: bool,
+                          name: str | None) -> Corpus:
   entries = validate(anno_file, media_root, kind)
   video_of_path: dict[str, int] = {}
   media: list[str] = []
@@ -160,6 +193,7 @@ def load_corpus(anno_file: str, media_root: str, *, kind: str = "video",
   for t, v in enumerate(pair_video):
     vid2txt[v].append(t)
   pair_video_arr = np.asarray(pair_video, np.int32)
+  pair_video_arr.setflags(write=False)  # shared between callers (see `load_corpus`)
   return Corpus(name=name or os.path.splitext(os.path.basename(anno_file))[0],
                 anno_file=anno_file, media_root=media_root, kind=kind, media=media,
                 pair_video=pair_video_arr, pair_caption=pair_caption, vid2txt=vid2txt)

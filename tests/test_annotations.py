@@ -1,6 +1,7 @@
 """VindLU annotation files: video indices, pairs, paragraphs, eval maps, validation errors."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,3 +109,26 @@ def test_data_config_defaults():
   assert c.train_corpora[0].max_seconds == 30.0 and c.train_corpora[0].max_len == 64
   with pytest.raises(ValueError, match="kind"):
     corpus_config("x", "a.json", "v", kind="audio")
+
+
+def test_unchanged_file_is_read_once_per_process(tmp_path, monkeypatch):
+  from input_pipeline import annotations  # noqa: PLC0415
+  reads = []
+  real_read = annotations._read_json
+  monkeypatch.setattr(annotations, "_read_json", lambda f: reads.append(f) or real_read(f))
+  anno = write(tmp_path, [{"video": "a.mp4", "caption": "one"}, {"video": "b.mp4", "caption": "two"}])
+  first = load_corpus(anno, str(tmp_path))
+  assert load_corpus(anno, str(tmp_path)) is first and len(reads) == 1
+  assert first.pair_video.flags.writeable is False  # shared, so read-only
+  # Other arguments index the file differently: a read of their own.
+  assert load_corpus(anno, str(tmp_path), paragraph=True) is not first and len(reads) == 2
+  # A changed file (new size and time) is read again and indexed afresh.
+  write(tmp_path, [{"video": "c.mp4", "caption": "three"}])
+  os.utime(anno, ns=(10 ** 18, 10 ** 18))
+  again = load_corpus(anno, str(tmp_path))
+  assert len(reads) == 3 and again.media == ["c.mp4"]
+  # Errors are never cached: a file made bad fails on every load.
+  (tmp_path / "anno.json").write_text("[{")
+  for _ in range(2):
+    with pytest.raises(AnnotationError, match="not valid JSON"):
+      load_corpus(anno, str(tmp_path))
