@@ -75,14 +75,13 @@ def run_config(args, mode: str, seed: int):
   return config
 
 
-def order_pair_accuracy(evaluator, params, data) -> dict:
+def order_pair_accuracy(evaluator, params, data, embedded=None) -> dict:
   """How often a caption scores its own video above its order-swapped twin.
 
   `test_order.json` lists the pairs as consecutive entries (2i, 2i+1), so video v's twin
-  is v ^ 1. Ties count one half.
+  is v ^ 1. Ties count one half. `embedded`: the corpus's `evaluator.embed`, if done.
   """
-  video_emb, tokens = evaluator.embed_videos(params, data)
-  text_emb, hidden = evaluator.embed_texts(params, data)
+  video_emb, tokens, text_emb, hidden = embedded or evaluator.embed(params, data)
   own = np.asarray(data.txt2vid, np.int64)
   twin = own ^ 1
   texts = np.arange(len(own))
@@ -135,9 +134,10 @@ def train_and_measure(args, mode: str, seed: int) -> dict:
         corpus_cfg, tokenizer=tokenizer, num_frames=config.eval.num_frames,
         image_size=config.model.vision.image_size, max_len=config.data.max_len,
         add_sep=config.data.add_sep, batch_size=config.eval.video_batch_size, num_workers=0)
-    res = {k: float(v) for k, v in evaluator.evaluate(params, data).items()}
+    embedded = evaluator.embed(params, data)
+    res = {k: float(v) for k, v in evaluator.evaluate(params, data, embedded=embedded).items()}
     if corpus_cfg.name.endswith("order"):
-      res.update(order_pair_accuracy(evaluator, params, data))
+      res.update(order_pair_accuracy(evaluator, params, data, embedded))
     result["corpora"][corpus_cfg.name] = res
   result["eval_s"] = time.perf_counter() - t0
 

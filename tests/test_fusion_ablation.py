@@ -40,7 +40,11 @@ def test_order_pair_accuracy_by_hand():
 
   import numpy as np
 
+  from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
+
   class Stub:
+    embed = RetrievalEvaluator.embed  # the real composition of the two encoders below
+
     def embed_videos(self, params, data):
       # One frame per video, embeddings e_v; text t's embedding picks a score row below.
       return np.eye(4, dtype=np.float32)[:, None, :], np.zeros((4, 1, 1, 1), np.float16)
@@ -61,3 +65,8 @@ def test_order_pair_accuracy_by_hand():
   acc = fusion_ablation.order_pair_accuracy(Stub(), None, data)
   assert acc == {"pair_acc_emb": 100 * (1 + 0 + 0.5 + 1) / 4, "pair_acc_itm": 75.0,
                  "pair_texts": 4}
+  # Given the evaluation's embeddings, it uses them instead of embedding again.
+  embedded = Stub().embed(None, data)
+  lazy = Stub()
+  lazy.embed = None  # would fail if called
+  assert fusion_ablation.order_pair_accuracy(lazy, None, data, embedded) == acc

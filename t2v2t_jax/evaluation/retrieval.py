@@ -20,6 +20,7 @@ corpora such as ActivityNet at 32 frames), never all on the device at once.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,14 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return x
   pad = np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)
   return np.concatenate([x, pad], axis=0)
+
+
+class Embedded(NamedTuple):
+  """One corpus through both encoders (host arrays, as `embed_videos` / `embed_texts` give)."""
+  video_emb: np.ndarray     # [Nv, F, E] per-frame video embeddings
+  video_tokens: object      # the video tokens the matching head reranks with
+  text_emb: np.ndarray      # [Nt, E]
+  text_hidden: object       # the text encoder's hidden states for the fusion layers
 
 
 class RetrievalEvaluator:
@@ -220,9 +229,16 @@ class RetrievalEvaluator:
     out[order] = scores
     return out
 
-  def evaluate(self, params, data, *, num_frames: int | None = None) -> dict:
+  def embed(self, params, data) -> Embedded:
+    """Stage-1 inputs of `data`: both encoders run once over every video and text."""
     video_emb, video_tokens = self.embed_videos(params, data)
     text_emb, text_hidden = self.embed_texts(params, data)
+    return Embedded(video_emb, video_tokens, text_emb, text_hidden)
+
+  def evaluate(self, params, data, *, num_frames: int | None = None,
+               embedded: Embedded | None = None) -> dict:
+    """Two-stage retrieval metrics of `data` (`embedded`: reuse an earlier `embed`)."""
+    video_emb, video_tokens, text_emb, text_hidden = embedded or self.embed(params, data)
     # Mean over frames of per-frame cosine similarity: [Nv, Nt].
     sim_v2t = np.einsum("vfe,te->vt", video_emb, text_emb) / video_emb.shape[1]
     pairs, top_v_for_t, top_t_for_v = self.candidate_pairs(sim_v2t)
