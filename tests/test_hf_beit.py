@@ -269,3 +269,46 @@ def test_reads_half_precision_safetensors_and_reports_missing_paths(tmp_path):
     hf_beit.read_hf_checkpoint(str(tmp_path / "nothing_here"))
   with pytest.raises(FileNotFoundError, match="holds none of"):
     hf_beit.read_hf_checkpoint(str(tmp_path))
+
+
+def test_run_started_from_pretrained_beit(ckpt, tmp_path, monkeypatch):
+  """`config.pretrained.beit` at the start of a run: the video encoder reproduces
+  transformers' BEiT, everything else keeps the run's own init, one model is built."""
+  from t2v2t_jax import convert  # noqa: PLC0415
+  from t2v2t_jax.training import checkpointing, initialization, sharding  # noqa: PLC0415
+  from t2v2t_jax.training import optimizer as optimizer_lib  # noqa: PLC0415
+  from t2v2t_jax.training import train_state as state_lib  # noqa: PLC0415
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = convert.load_recipe(os.path.join(repo, "configs", "msrvtt_ft.py") + ":tiny")
+  with cfg.unlocked():
+    cfg.model.vision.update(dict(width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP,
+                                 patch_size=PATCH, image_size=IMAGE))
+    cfg.model.text.update(dict(width=WIDTH, num_heads=HEADS))  # t2v2t: equal widths
+    cfg.pretrained.beit, cfg.pretrained.bert = str(ckpt["root"] / "beit_model"), ""
+  mesh = sharding.make_mesh(cfg.mesh)
+  tx = optimizer_lib.make_optimizer(cfg.optimizer, 10)
+  abstract = state_lib.abstract_state(cfg.model, tx, cfg.seed)
+  shardings = state_lib.state_shardings(abstract, mesh)
+  fresh = initialization.flatten_tree(
+      state_lib.create_sharded_state(cfg.model, tx, cfg.seed, shardings)["params"])
+
+  seeded_builds = []  # shape-only builds (eval_shape) pass no seed
+  real_create = state_lib.create_model
+  for module in (state_lib, initialization):  # wherever a start-up could build one
+    monkeypatch.setattr(module, "create_model", raising=False, value=lambda c, **kw: (
+        "seed" in kw and seeded_builds.append(kw)) or real_create(c, **kw))
+  state, source = initialization.initial_state(
+      cfg, ckpt=checkpointing.Checkpointer(str(tmp_path / "ckpt")), abstract=abstract,
+      shardings=shardings, tx=tx, data_iter=None)
+  assert "Hugging Face" in source and len(seeded_builds) == 1
+
+  model = state_lib.merge_model(state_lib.model_graphdef(cfg.model), state["params"])
+  x = images(2)
+  ref_h, ref_p = hf_outputs(ckpt["model"], x)
+  h, pooled = _forward(model.vision_encoder, jnp.asarray(x)[:, None])
+  np.testing.assert_allclose(h[:, 0], ref_h, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(pooled[:, 0], ref_p, atol=1e-4, rtol=1e-4)
+  got = initialization.flatten_tree(state["params"])
+  for path, value in got.items():
+    if not path.startswith("vision_encoder.") or hf_beit.is_temporal_param(path):
+      np.testing.assert_array_equal(np.asarray(value), np.asarray(fresh[path]), err_msg=path)

@@ -283,6 +283,50 @@ def test_cli_roundtrip_through_orbax(tmp_path, capsys):
   assert_same_state(safe_torch_load(back)["model"], sd)
 
 
+def test_init_from_pth_gives_new_params_the_runs_own_init(tmp_path, monkeypatch):
+  """A run started with `init_from=X.pth`: VindLU's parameters come from the file, the
+  T2V block (VindLU has none) keeps the run's own seeded init, and no second model is built."""
+  from t2v2t_jax.models import t2v2t as t2v2t_lib  # noqa: PLC0415
+  from t2v2t_jax.training import checkpointing, sharding  # noqa: PLC0415
+  from t2v2t_jax.training import optimizer as optimizer_lib  # noqa: PLC0415
+  from t2v2t_jax.training import train_state as state_lib  # noqa: PLC0415
+  cfg = convert.load_recipe(os.path.join(REPO, "configs", "msrvtt_ft.py") + ":tiny")
+  m = cfg.model
+  sd = make_vindlu_state("finetune", frames=m.vision.num_frames, image=m.vision.image_size,
+                         vocab=m.text.vocab_size, embed=m.embed_dim)
+  src = tmp_path / "in.pth"
+  save_vindlu(src, sd)
+  _, report = vindlu.import_vindlu(to_numpy(sd), m)
+  with cfg.unlocked():
+    cfg.init_from, cfg.seed = str(src), 3  # not the throw-away model's seed 0
+  mesh = sharding.make_mesh(cfg.mesh)
+  tx = optimizer_lib.make_optimizer(cfg.optimizer, 10)
+  abstract = state_lib.abstract_state(m, tx, cfg.seed)
+  shardings = state_lib.state_shardings(abstract, mesh)
+  fresh = initialization.flatten_tree(
+      state_lib.create_sharded_state(m, tx, cfg.seed, shardings)["params"])
+  from_file = initialization.load_params_from(str(src), cfg)
+
+  real_create = t2v2t_lib.create_model
+
+  def no_second_model(config, **kwargs):
+    # Shape-only builds (`abstract_model`, under eval_shape) pass no seed; a real one does.
+    if "seed" in kwargs:
+      raise AssertionError("the import built a second, seeded model")
+    return real_create(config, **kwargs)
+  monkeypatch.setattr(t2v2t_lib, "create_model", no_second_model)
+  state, source = initialization.initial_state(
+      cfg, ckpt=checkpointing.Checkpointer(str(tmp_path / "ckpt")), abstract=abstract,
+      shardings=shardings, tx=tx, data_iter=None)
+  assert source == f"initialised from {src}"
+  got = initialization.flatten_tree(state["params"])
+  assert set(got) == set(from_file) and any(vindlu._is_t2v(p) for p in report.new)
+  assert any(not np.array_equal(fresh[p], from_file[p]) for p in report.new)  # seeds differ
+  for path, value in got.items():
+    want = fresh[path] if path in report.new else from_file[path]
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(want), err_msg=path)
+
+
 # ------------------------------------------------------------------------------------------
 # 2. Numerical parity with transformers, weights taken through the VindLU naming.
 # ------------------------------------------------------------------------------------------

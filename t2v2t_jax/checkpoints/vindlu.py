@@ -427,7 +427,8 @@ def describe_config(c) -> str:
 
 
 def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, seed: int = 0,
-                  source: str = "<state dict>") -> tuple[dict[str, np.ndarray], VindluImportReport]:
+                  source: str = "<state dict>", initial: Mapping | None = None
+                  ) -> tuple[dict[str, np.ndarray], VindluImportReport]:
   """Map a VindLU state dict (numpy arrays) onto a T2V2T model described by `model_config`.
 
   Args:
@@ -437,6 +438,9 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
       the newly initialised parameters (otherwise a model is built with `seed`, only if
       some parameter is new).
     source: a name for messages.
+    initial: optional `{our dotted param path: array}` of initial values (a training run
+      passes its freshly initialised parameters); takes precedence over `model`, and no
+      model is built.
 
   Returns:
     (`{our dotted param path: numpy array}` for EVERY parameter of the model, report).
@@ -530,25 +534,29 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
         f"  {len(problems)} problem(s):\n    " + "\n    ".join(problems))
 
   if report.new:
-    if model is None:  # a throw-away model for the initial values, kept in host memory
-      with jax.default_device(jax.devices("cpu")[0]):
-        model = create_model(model_config, seed=seed)
-    init = flatten_params(model)
+    if initial is None:
+      if model is None:  # a throw-away model for the initial values, kept in host memory
+        with jax.default_device(jax.devices("cpu")[0]):
+          model = create_model(model_config, seed=seed)
+      initial = flatten_params(model)
     for path in report.new:
-      values[path] = np.asarray(init[path])
+      values[path] = np.asarray(initial[path])
   ordered = {path: values[path] for path in shapes}
   return ordered, report
 
 
 def load_vindlu_params(path: str | os.PathLike, model_config, *, seed: int = 0,
-                       verbose: bool = True) -> dict[str, np.ndarray]:
+                       verbose: bool = True, initial: Mapping | None = None
+                       ) -> dict[str, np.ndarray]:
   """`{our dotted param path: np.ndarray}` for every parameter of the model described by
   `model_config`, from a VindLU `.pth` (used by `--config.init_from=X.pth`).
 
+  `initial`: initial values for the parameters VindLU lacks (see `import_vindlu`).
   Prints the import table (loaded / resized / newly initialised / dropped) when verbose.
   """
   ckpt = read_vindlu_checkpoint(path)
-  values, report = import_vindlu(ckpt.state, model_config, seed=seed, source=ckpt.source)
+  values, report = import_vindlu(ckpt.state, model_config, seed=seed, source=ckpt.source,
+                                 initial=initial)
   report.upcast = ckpt.upcast
   if verbose:
     print(report.table(), flush=True)

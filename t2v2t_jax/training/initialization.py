@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from t2v2t_jax.models import vision_encoder
-from t2v2t_jax.models.t2v2t import create_model
 from t2v2t_jax.training import checkpointing
 from t2v2t_jax.training import train_state as state_lib
 from t2v2t_jax.training.optimizer import parameter_path
@@ -38,7 +37,7 @@ def initial_state(config, *, ckpt, abstract, shardings, tx, data_iter):
 
   state = state_lib.create_sharded_state(config.model, tx, config.seed, shardings)
   if config.init_from:
-    params = load_params_from(config.init_from, config)
+    params = load_params_from(config.init_from, config, initial=state["params"])
     state["params"] = assign_params(state["params"], params, source=config.init_from)
     state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
     return state, f"initialised from {config.init_from}"
@@ -62,11 +61,16 @@ def unflatten_like(tree, flat: dict):
   return jax.tree_util.tree_map_with_path(lambda path, _: flat[".".join(parameter_path(path))], tree)
 
 
-def load_params_from(source: str, config) -> dict:
-  """{dotted path: np.ndarray} from a run folder or a VindLU checkpoint."""
+def load_params_from(source: str, config, initial=None) -> dict:
+  """{dotted path: np.ndarray} from a run folder or a VindLU checkpoint.
+
+  `initial`: the run's freshly initialised parameters, which give the values of the
+  parameters a VindLU checkpoint lacks (the T2V blocks), so no second model is built.
+  """
   if source.endswith((".pth", ".pt", ".bin")):
     from t2v2t_jax.checkpoints import vindlu  # noqa: PLC0415 (torch-free unless needed)
-    return vindlu.load_vindlu_params(source, config.model)
+    return vindlu.load_vindlu_params(
+        source, config.model, initial=None if initial is None else flatten_tree(initial))
   directory = source
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
@@ -113,8 +117,8 @@ def assign_params(params_state, values: dict, *, source: str):
 def load_pretrained_hf(config, params_state):
   """Hugging Face BEiT and/or BERT weights into the parameters of a fresh model."""
   from t2v2t_jax.checkpoints import hf_beit, hf_bert  # noqa: PLC0415
-  model = create_model(config.model, seed=config.seed)
-  nnx.update(model, jax.device_get(params_state))
+  # A host copy of the fresh model, rebuilt from its parameters (no second initialisation).
+  model = state_lib.merge_model(state_lib.model_graphdef(config.model), jax.device_get(params_state))
   if config.pretrained.get("beit"):
     report = hf_beit.load_beit_into(model.vision_encoder, config.pretrained.beit)
     print(report)
