@@ -75,6 +75,35 @@ def run_config(args, mode: str, seed: int):
   return config
 
 
+def _flat(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}."))
+  return out
+
+
+def check_same_config(config, workdir: str) -> None:
+  """A finished (or interrupted) run is reused only if it was trained with this config.
+
+  Raises ValueError naming the differing fields otherwise: a result from another recipe,
+  step count or learning rate must not enter the table silently.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flat(json.load(f))
+  now = _flat(json.loads(config.to_json_best_effort()))
+  differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if differ:
+    raise ValueError(
+        f"{workdir} holds a run trained with another config (differs in: "
+        f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}); pass --fresh to "
+        f"retrain it or choose another --root")
+
+
 def order_pair_accuracy(evaluator, params, data, embedded=None) -> dict:
   """How often a caption scores its own video above its order-swapped twin.
 
@@ -108,6 +137,8 @@ def train_and_measure(args, mode: str, seed: int) -> dict:
   config = run_config(args, mode, seed)
   workdir = os.path.join(args.root, f"{mode}_seed{seed}")
   out_path = os.path.join(workdir, "ablation.json")
+  if not args.fresh:
+    check_same_config(config, workdir)
   if os.path.exists(out_path) and not args.fresh:
     with open(out_path) as f:
       result = json.load(f)

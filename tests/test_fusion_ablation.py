@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -32,6 +34,9 @@ def test_ablation_tiny(tmp_path):
   mtime = os.path.getmtime(tmp_path / "runs" / "t2v2t_seed0" / "ablation.json")
   fusion_ablation.main(argv)
   assert os.path.getmtime(tmp_path / "runs" / "t2v2t_seed0" / "ablation.json") == mtime
+  # ... but never a run trained with another config: the error names the field.
+  with pytest.raises(ValueError, match="total_steps"):
+    fusion_ablation.main([a if a != "2" else "3" for a in argv])
 
 
 def test_order_pair_accuracy_by_hand():
