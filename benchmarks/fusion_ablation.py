@@ -75,33 +75,22 @@ def run_config(args, mode: str, seed: int):
   return config
 
 
-def _flat(tree, prefix=""):
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(_flat(value, f"{prefix}{key}."))
-  return out
-
-
 def check_same_config(config, workdir: str) -> None:
   """A finished (or interrupted) run is reused only if it was trained with this config.
 
   Raises ValueError naming the differing fields otherwise: a result from another recipe,
   step count or learning rate must not enter the table silently.
   """
+  from t2v2t_jax.training import run_setup  # noqa: PLC0415
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = _flat(json.load(f))
-  now = _flat(json.loads(config.to_json_best_effort()))
-  differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-  if differ:
+    diffs = run_setup.config_differences(json.load(f), config)
+  if diffs:
     raise ValueError(
-        f"{workdir} holds a run trained with another config (differs in: "
-        f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}); pass --fresh to "
-        f"retrain it or choose another --root")
+        f"{workdir} holds a run trained with another config ({run_setup.describe_differences(diffs)}); "
+        f"pass --fresh to retrain it or choose another --root")
 
 
 def order_pair_accuracy(evaluator, params, data, embedded=None) -> dict:

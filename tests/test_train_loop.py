@@ -136,7 +136,7 @@ def test_sigkill_then_rerun_resumes_exactly(synthetic_root, tmp_path):
 
   proc = run_main("--workdir", str(killed), *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "resumed from" in proc.stdout
+  assert "resumed from" in proc.stdout and "other settings" not in proc.stdout
 
   step_full, params_full = _final_params(full)
   step_resumed, params_resumed = _final_params(killed)
@@ -148,3 +148,21 @@ def test_sigkill_then_rerun_resumes_exactly(synthetic_root, tmp_path):
   assert sorted(crc_full) == list(range(1, 7))
   for step, crcs in crc_resumed.items():
     assert crcs == crc_full[step], step
+
+
+def test_resuming_with_changed_settings_names_them(tmp_path, capsys):
+  from t2v2t_jax.training import run_setup  # noqa: PLC0415
+  config = load_recipe("demo", "tiny")
+  run_setup.save_config(config, str(tmp_path))
+  # No checkpoint yet: a new run in the same folder says nothing.
+  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path)) == []
+  os.makedirs(tmp_path / "checkpoints" / "2")
+  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path)) == []
+  assert capsys.readouterr().out == ""
+  old_lr, config.optimizer.lr = config.optimizer.lr, 0.125
+  config.model.fusion.mode = "v2t"
+  diffs = run_setup.warn_if_resuming_with_changes(config, str(tmp_path))
+  assert diffs == [("model.fusion.mode", "t2v2t", "v2t"), ("optimizer.lr", old_lr, 0.125)]
+  out = capsys.readouterr().out
+  assert f"model.fusion.mode ('t2v2t' -> 'v2t'), optimizer.lr ({old_lr!r} -> 0.125)" in out
+  assert str(tmp_path) in out and "--workdir" in out

@@ -107,6 +107,50 @@ def check_config(config, mode: str) -> None:
   prepared_source.check_sources(config.data, corpora, loaded)
 
 
+def _flatten(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flatten(value, f"{prefix}{key}."))
+  return out
+
+
+_ABSENT = object()
+
+
+def config_differences(saved: dict, config) -> list[tuple[str, object, object]]:
+  """`(dotted field, saved value, value in config)` for every field that differs between a
+  saved `config.json` (parsed) and `config`; a field one of them lacks shows as None."""
+  old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+
+def describe_differences(diffs, limit: int = 12) -> str:
+  text = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in diffs[:limit])
+  return text + (f", and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def warn_if_resuming_with_changes(config, workdir: str) -> list:
+  """A run that continues from `workdir`'s checkpoint with another config resumes, but not
+  exactly (batches, schedule) and, for model fields, maybe not at all: say which fields
+  changed before anything else happens. Returns the differences."""
+  path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
+  if not (os.path.isfile(path) and os.path.isdir(ckpt_dir)
+          and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+    return []
+  with open(path) as f:
+    diffs = config_differences(json.load(f), config)
+  if diffs and jax.process_index() == 0:
+    print(f"Warning: {workdir} holds checkpoints of a run with other settings; resuming "
+          f"with these changes: {describe_differences(diffs)}. Use a new --workdir to start "
+          f"afresh (or --config.init_from={workdir} to start from its parameters).",
+          flush=True)
+  return diffs
+
+
 def save_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return

@@ -43,6 +43,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   run_setup.maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   writer = writer_lib.MetricWriter(workdir)
+  run_setup.warn_if_resuming_with_changes(config, workdir)
   run_setup.save_config(config, workdir)
   is_main = jax.process_index() == 0
 
