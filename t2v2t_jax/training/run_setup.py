@@ -127,7 +127,6 @@ def config_differences(saved: dict, config) -> list[tuple[str, object, object]]:
           if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
 
 
-
 def describe_differences(diffs, limit: int = 12) -> str:
   text = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in diffs[:limit])
   return text + (f", and {len(diffs) - limit} more" if len(diffs) > limit else "")
