@@ -15,9 +15,13 @@ split and on its event-order split, and writes `docs/ablation.md`:
 
 Each run writes `<root>/<mode>_seed<seed>/ablation.json`; a rerun reuses finished runs
 (and a run interrupted mid-training resumes from its checkpoint), so the script can be
-stopped and restarted. Text after a `<!-- discussion -->` line in the output file is kept.
+stopped and restarted; a run trained with another config is refused, not reused. Text
+after a `<!-- discussion -->` line in the output file is kept.
 
-  python benchmarks/fusion_ablation.py --steps 400 --seeds 0,1,2 --out docs/ablation.md
+  # docs/ablation.md: 4 modes x 3 seeds of the demo recipe, ~100 minutes on a 2-core CPU.
+  python benchmarks/fusion_ablation.py --out docs/ablation.md
+  # A quick look at fewer steps (in its own --root: the step count is part of the config).
+  python benchmarks/fusion_ablation.py --steps 400 --root runs/ablation_400 --out /tmp/a.md
 """
 
 from __future__ import annotations
