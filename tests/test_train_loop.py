@@ -154,14 +154,14 @@ def test_resuming_with_changed_settings_names_them(tmp_path, capsys):
   from t2v2t_jax.training import run_setup  # noqa: PLC0415
   config = load_recipe("demo", "tiny")
   run_setup.save_config(config, str(tmp_path))
-  # No checkpoint yet: a new run in the same folder says nothing.
-  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path)) == []
-  os.makedirs(tmp_path / "checkpoints" / "2")
-  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path)) == []
-  assert capsys.readouterr().out == ""
+  # Resuming with the same settings says nothing.
+  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True) == []
   old_lr, config.optimizer.lr = config.optimizer.lr, 0.125
   config.model.fusion.mode = "v2t"
-  diffs = run_setup.warn_if_resuming_with_changes(config, str(tmp_path))
+  # No checkpoint yet: a new run in the same folder says nothing, whatever changed.
+  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path), resuming=False) == []
+  assert capsys.readouterr().out == ""
+  diffs = run_setup.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True)
   assert diffs == [("model.fusion.mode", "t2v2t", "v2t"), ("optimizer.lr", old_lr, 0.125)]
   out = capsys.readouterr().out
   assert f"model.fusion.mode ('t2v2t' -> 'v2t'), optimizer.lr ({old_lr!r} -> 0.125)" in out

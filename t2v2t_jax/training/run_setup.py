@@ -7,10 +7,12 @@ import json
 import os
 
 import jax
+import ml_collections
 
 from input_pipeline import annotations as annotations_lib
 from input_pipeline import prepared_source
 from input_pipeline import text as text_lib
+from t2v2t_jax import config_reference
 from t2v2t_jax.models.config import validate_model_config
 
 DATA_HELP = "docs/data.md explains how to prepare each dataset"
@@ -107,22 +109,15 @@ def check_config(config, mode: str) -> None:
   prepared_source.check_sources(config.data, corpora, loaded)
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(_flatten(value, f"{prefix}{key}."))
-  return out
-
-
 _ABSENT = object()
 
 
 def config_differences(saved: dict, config) -> list[tuple[str, object, object]]:
   """`(dotted field, saved value, value in config)` for every field that differs between a
   saved `config.json` (parsed) and `config`; a field one of them lacks shows as None."""
-  old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+  # Both sides through JSON, so that tuples, lists and references compare as saved.
+  old = config_reference.flatten(ml_collections.ConfigDict(saved))
+  new = config_reference.flatten(ml_collections.ConfigDict(json.loads(config.to_json_best_effort())))
   return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
 
@@ -132,13 +127,12 @@ def describe_differences(diffs, limit: int = 12) -> str:
   return text + (f", and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
-def warn_if_resuming_with_changes(config, workdir: str) -> list:
-  """A run that continues from `workdir`'s checkpoint with another config resumes, but not
-  exactly (batches, schedule) and, for model fields, maybe not at all: say which fields
-  changed before anything else happens. Returns the differences."""
-  path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
-  if not (os.path.isfile(path) and os.path.isdir(ckpt_dir)
-          and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+def warn_if_resuming_with_changes(config, workdir: str, *, resuming: bool) -> list:
+  """A run that continues from `workdir`'s checkpoint (`resuming`) with another config
+  resumes, but not exactly (batches, schedule) and, for model fields, maybe not at all:
+  say which fields changed before anything else happens. Returns the differences."""
+  path = os.path.join(workdir, "config.json")
+  if not resuming or not os.path.isfile(path):
     return []
   with open(path) as f:
     diffs = config_differences(json.load(f), config)

@@ -43,7 +43,10 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   run_setup.maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   writer = writer_lib.MetricWriter(workdir)
-  run_setup.warn_if_resuming_with_changes(config, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints)
+  run_setup.warn_if_resuming_with_changes(config, workdir,
+                                          resuming=ckpt.latest_step() is not None)
   run_setup.save_config(config, workdir)
   is_main = jax.process_index() == 0
 
@@ -77,8 +80,6 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
       shardings, mesh)
 
   # ------------------------------------------------------------------ Load checkpoint
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.keep_checkpoints)
   state, source = initialization.initial_state(
       config, ckpt=ckpt, abstract=abstract, shardings=shardings, tx=tx, data_iter=data_iter)
   start_step = int(state["step"])
