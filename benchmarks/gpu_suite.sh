@@ -16,6 +16,9 @@
 #   BENCH_SIZE      paper (default) | test: every item at the tiniest size, for a CPU dry run
 #   SUITE_BUDGET_S  wall-clock budget of the whole suite in seconds (default 380)
 #   PYTHON          interpreter (default python3)
+#   SUITE_SKIP      comma-separated item names not to run (e.g. smoke_train,smoke_rerank
+#                   once the smoke items have passed on that device kind: each costs a
+#                   compile, about a minute of scarce device time)
 #
 # Items, in priority order (paper size = B/16 + BERT-base, 224 px, text 32 tokens, bf16,
 # parameters drawn on the host (`--init synthetic`), VTC + VTM + MLM unless noted):
@@ -38,6 +41,7 @@ set -u -o pipefail
 : "${OUT:?set OUT to the output folder}"
 BENCH_SIZE="${BENCH_SIZE:-paper}"
 SUITE_BUDGET_S="${SUITE_BUDGET_S:-380}"
+SUITE_SKIP=",${SUITE_SKIP:-},"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
@@ -98,6 +102,12 @@ fi
 # run NAME TIMEOUT CMD...: one benchmark process; its JSON lines go to results.jsonl.
 run() {
   local name="$1" limit="$2"; shift 2
+  if [[ "$SUITE_SKIP" == *",$name,"* ]]; then
+    log "SKIP $name (SUITE_SKIP)"
+    echo "{\"benchmark\": \"suite\", \"item\": \"$name\", \"status\": \"skipped_by_request\"}" >> "$RESULTS"
+    echo "$name: skipped (SUITE_SKIP)" >> "$SUMMARY"
+    return 0
+  fi
   local left=$(( SUITE_BUDGET_S - $(elapsed) ))
   if [ "$left" -lt 60 ]; then
     log "SKIP $name (budget: ${left}s left)"
