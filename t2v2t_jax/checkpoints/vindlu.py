@@ -34,9 +34,10 @@ Tied keys: `cls.predictions.decoder.weight` must equal the word embeddings and
 `cls.predictions.decoder.bias` must equal `cls.predictions.bias` (our decoder is tied);
 they are checked and not imported twice.
 
-Any other source key that nothing maps, any mapped key that is missing, any shape that
-does not fit, and any parameter of ours that should come from the checkpoint but does
-not, is an error naming it (SPEC 9: VindLU's silently dropped `bert.` keys evaluate a
+Any other source key that nothing maps, any key of a layer the model does not have (a
+dropped buffer included), any mapped key that is missing, any weight that is not floating
+point or holds NaN / inf, any shape that does not fit, and any parameter of ours that
+should come from the checkpoint but does not, is an error naming it (SPEC 9: VindLU's silently dropped `bert.` keys evaluate a
 random text encoder). All problems are collected and raised together.
 
 Our parameters without a VindLU source are newly initialised (the model's own initial
@@ -244,6 +245,9 @@ def state_dict_to_numpy(state_dict: Mapping, source: str = "<state dict>"
 
   out, upcast, bad = {}, [], []
   for key, value in state_dict.items():
+    if not isinstance(key, str):
+      bad.append(f"key {key!r} ({type(key).__name__}, not a string)")
+      continue
     if not isinstance(value, torch.Tensor):
       bad.append(f"{key!r} ({type(value).__name__})")
       continue
@@ -251,9 +255,11 @@ def state_dict_to_numpy(state_dict: Mapping, source: str = "<state dict>"
     if value.dtype in (torch.float16, torch.bfloat16):
       value = value.to(torch.float32)
       upcast.append(key)
-    out[str(key)] = value.numpy()
+    out[key] = value.numpy()
   if bad:
-    raise VindluCheckpointError(f"{source}: state-dict entries that are not tensors: " + ", ".join(bad))
+    raise VindluCheckpointError(f"{source}: state-dict entries that are not string-keyed "
+                                "tensors: " + ", ".join(bad[:20])
+                                + (f", and {len(bad) - 20} more" if len(bad) > 20 else ""))
   return out, upcast
 
 
@@ -396,19 +402,48 @@ def _check_buffers(state: Mapping[str, np.ndarray]) -> list[str]:
       if table_key not in state:
         continue  # reported as a missing table
       try:
-        grid = infer_square_grid(state[table_key].shape[0])
-      except ValueError:
+        grid = infer_square_grid(np.shape(state[table_key])[0])
+      except (ValueError, IndexError):
         continue  # reported with the table
       want = ve.relative_position_index(grid)
-      if value.shape != want.shape or not np.array_equal(value, want):
+      if value.dtype.kind not in "iu" or value.shape != want.shape or \
+          not np.array_equal(value, want):
         problems.append(f"buffer {key!r} (shape {tuple(value.shape)}) is not the standard BEiT "
                         f"relative position index of a {grid}x{grid} patch grid, which this model "
                         "uses")
     elif re.search(r"^text_encoder\.(bert\.)?embeddings\.position_ids$", key):
-      flat = np.asarray(value).reshape(-1)
-      if value.ndim > 2 or not np.array_equal(flat, np.arange(flat.size)):
-        problems.append(f"buffer {key!r} is not arange(n) (this model uses positions 0..L-1)")
+      # Compared without reshaping first: a broadcast view would be copied out in full.
+      table = key[:-len("position_ids")] + "position_embeddings.weight"
+      rows = np.shape(state[table])[0] if table in state and np.ndim(state[table]) else None
+      if value.dtype.kind not in "iu" or value.ndim > 2 or value.size != rows or \
+          not np.array_equal(value.reshape(-1), np.arange(value.size)):
+        problems.append(f"buffer {key!r} (shape {tuple(value.shape)}, {value.dtype}) is not "
+                        f"arange({rows}) (this model uses positions 0..L-1)")
   return problems
+
+
+def _absent_layer(key: str, layout: Layout) -> str | None:
+  """For a key of a layer beyond the model's depth: which layer and what the model has.
+  (Without this, such a layer's buffers and unused Linear would match a dropped pattern and
+  vanish without a word.)"""
+  m = re.match(re.escape(VISION_LAYER) + r"(\d+)\.", key)
+  if m and int(m.group(1)) >= layout.vision_depth:
+    return f"vision layer {m.group(1)}, which this model lacks (it has {layout.vision_depth})"
+  m = re.match(r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.", key)
+  depth = layout.num_text_layers + layout.num_fusion_layers
+  if m and int(m.group(1)) >= depth:
+    return f"text layer {m.group(1)}, which this model lacks (it has {depth})"
+  return None
+
+
+def _not_a_weight(value: np.ndarray) -> str | None:
+  """Why `value` cannot be a weight (not floating point, or not finite), else None."""
+  if value.dtype.kind != "f":
+    return f"has dtype {value.dtype} (weights must be floating point)"
+  bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+  if bad:
+    return f"holds {bad} non-finite value(s) (NaN or inf) of {value.size}"
+  return None
 
 
 def _describe_source(state: Mapping[str, np.ndarray]) -> str:
@@ -466,6 +501,10 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
   for key in state:
     if key in mapped_sources or key in ties:
       continue
+    absent = _absent_layer(key, layout)
+    if absent:
+      problems.append(f"source key {key!r} belongs to {absent}")
+      continue
     reason = dropped_reason(key)
     if reason is not None:
       report.dropped[key] = reason
@@ -488,10 +527,16 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
       problems.append(f"source key {key!r} differs from {other!r}, but our MLM decoder is tied to it")
 
   values: dict[str, np.ndarray] = {}
+  checked: set[str] = set()
   for m in mapping:
     if m.source not in state:
       continue
     src = np.asarray(state[m.source])
+    if m.source not in checked:
+      checked.add(m.source)
+      bad = _not_a_weight(src)
+      if bad:
+        problems.append(f"source key {m.source!r} {bad}")
     if m.target not in shapes:
       hint = (" (fusion mode 'joint' has no cross-attention)"
               if ".crossattention" in m.target and model_config.fusion.mode == "joint" else "")
@@ -528,8 +573,10 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
       problems.append(f"our parameter {path!r} gets no value from a VindLU checkpoint")
 
   if problems:
+    # The first line says it all for a log; the lines below list every problem.
+    more = f" (and {len(problems) - 1} more, below)" if len(problems) > 1 else ""
     raise VindluCheckpointError(
-        f"cannot import {source} ({naming} naming) into the model:\n"
+        f"cannot import {source} ({naming} naming) into the model: {problems[0]}{more}\n"
         f"  checkpoint: {_describe_source(state)}\n  model:      {describe_config(model_config)}\n"
         f"  {len(problems)} problem(s):\n    " + "\n    ".join(problems))
 
