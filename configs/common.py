@@ -55,6 +55,7 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
   c.keep_checkpoints = 3
   c.eval_every = 0                     # 0: evaluate only at the end of training
   c.init_from = ""                     # a run's workdir / checkpoint folder, or a VindLU .pth
+  c.start_over = False                 # start from scratch over an earlier run without checkpoints
   c.pretrained = ml_collections.ConfigDict(dict(beit="", bert=""))  # Hugging Face names or folders
 
   c.synthetic = ml_collections.ConfigDict(dict(create_if_missing=False))

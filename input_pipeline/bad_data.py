@@ -7,10 +7,12 @@ substitute is the same on every run and with any worker count). Each failure tra
 with the example, as `decode_failures` (int32 count) and `failure_log` (one line per
 failure: reason, path, message), because counters in worker processes would be lost.
 
-In the main process, the training loop calls `FailureTracker.update(batch)` per batch:
-it logs each failure with its path, keeps the counts for the training log
-(`tracker.counts()`), and raises `DataFailureError` listing the first failures when more
-than `failure_fraction` of the reads failed (after `min_samples` reads).
+In the main process, the training loop draws its batches through a `TrackedIterator`,
+which calls `FailureTracker.update(batch)` per batch: it logs each failure with its path,
+keeps the counts for the training log (`tracker.counts()`), and raises `DataFailureError`
+listing the first failures when more than `failure_fraction` of the reads failed (after
+`min_samples` reads). The checkpointer saves the tracker's state beside the iterator's
+(`training/checkpointing.py`), so a resumed run keeps counting where it stopped.
 """
 
 from __future__ import annotations
@@ -205,5 +207,28 @@ class FailureTracker:
   def set_state(self, state: dict) -> None:
     self.samples = int(state["samples"])
     self.failures = int(state["failures"])
-    self.by_reason = collections.Counter(state["by_reason"])
+    self.by_reason = collections.Counter({str(k): int(v) for k, v in state["by_reason"].items()})
     self.first_failures = [Failure.decode(s) for s in state["first_failures"]]
+
+
+class TrackedIterator:
+  """The training batches with their `FailureTracker`: every batch drawn is counted (and
+  may raise `DataFailureError`). `Checkpointer.save` / `restore` take this object as the
+  data iterator and checkpoint both the Grain iterator and the tracker."""
+
+  def __init__(self, iterator, failures: FailureTracker):
+    self.iterator = iterator
+    self.failures = failures
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self.iterator)
+    self.failures.update(batch)
+    return batch
+
+  def close(self) -> None:
+    close = getattr(self.iterator, "close", None)
+    if close is not None:
+      close()

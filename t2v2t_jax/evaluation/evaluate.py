@@ -85,10 +85,11 @@ def load_params(config, workdir: str, *, purpose: str = "Evaluating"):
   step = None
   if os.path.isdir(ckpt_dir):
     ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
-    step = ckpt.latest_step()
+    # The newest usable step (damaged ones are named, and left where they are).
+    step = ckpt.latest_step(data_iter=False)
     if step is not None:
       state = ckpt.restore(step, checkpointing.abstract_with_shardings(abstract, shardings))
-      params = state["params"]
+      params, step = state["params"], ckpt.restored_step
       if is_main:
         print(f"{purpose} {ckpt_dir}/{step}", flush=True)
     ckpt.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -82,11 +83,41 @@ def prepare_data(config) -> None:
     multihost_utils.sync_global_devices("synthetic dataset ready")
 
 
+def check_run_settings(config, mode: str = "train") -> None:
+  """The run's own numbers and paths, checked at once (a zero interval would otherwise
+  fail after the whole compile, and `keep_checkpoints=0` would let Orbax delete every
+  checkpoint, the final one included)."""
+  if mode in ("train", "train_and_eval"):
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+      value = config.get(key)
+      if not isinstance(value, int) or value < 1:
+        what = ("the number of latest checkpoints kept: 0 would delete every one, the final "
+                "one included" if key == "keep_checkpoints" else "a number of steps")
+        raise ValueError(f"{key}={value!r} must be an integer >= 1 ({what})")
+    if not isinstance(config.eval_every, int) or config.eval_every < 0:
+      raise ValueError(f"eval_every={config.eval_every!r} must be an integer >= 0 (0: "
+                       "evaluate only at the end)")
+    if config.get("total_steps") is not None and config.total_steps < 0:
+      raise ValueError(f"total_steps={config.total_steps} must be >= 0 (0: from the epochs)")
+  fraction = config.data.get("failure_fraction", 0.0)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"data.failure_fraction={fraction} must be within [0, 1]")
+  source = config.get("init_from") or ""
+  if source:
+    is_file = source.endswith((".pth", ".pt", ".bin"))
+    exists = os.path.isfile(source) if is_file else os.path.isdir(source)
+    if not exists:
+      kind = "file" if is_file else "folder (a run's workdir, its checkpoints folder or a step)"
+      raise FileNotFoundError(f"init_from={source!r} not found: no such {kind}")
+
+
 def check_config(config, mode: str) -> None:
   """Everything that can be checked before compiling: fields, data files, media roots."""
   validate_model_config(config.model)
   if config.batch_size <= 0:
     raise ValueError(f"batch_size={config.batch_size} must be positive")
+  if mode != "prepare":
+    check_run_settings(config, mode)
   corpora = []
   if mode in ("train", "train_and_eval"):
     if not config.data.train_corpora:
@@ -142,6 +173,66 @@ def warn_if_resuming_with_changes(config, workdir: str, *, resuming: bool) -> li
           f"afresh (or --config.init_from={workdir} to start from its parameters).",
           flush=True)
   return diffs
+
+
+PREVIOUS_RUNS = "previous_runs"  # where `start_over` moves an earlier run's logs
+
+
+def earlier_run(workdir: str) -> list[str]:
+  """What an earlier run left in `workdir` that a run from scratch would mix with or
+  silently drop: logged metrics, evaluation results, damaged checkpoints set aside.
+  (A `config.json` alone, from a run that stopped before its first step, loses nothing.)"""
+  from t2v2t_jax.training.checkpointing import DAMAGED_DIR  # noqa: PLC0415
+
+  found = []
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+    found.append("metrics.jsonl")
+  for name in ("eval", DAMAGED_DIR):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and os.listdir(path):
+      found.append(name + "/")
+  return found
+
+
+def check_start_from_scratch(config, workdir: str, damaged: dict | None = None) -> None:
+  """Called when `workdir` has no usable checkpoint: a new run may start there only if no
+  earlier run is in it, or if `config.start_over` says so, and then the earlier run's logs
+  are moved to `previous_runs/<n>/` first. Raises `NoUsableCheckpointError` otherwise."""
+  from t2v2t_jax.training.checkpointing import NoUsableCheckpointError  # noqa: PLC0415
+
+  found = earlier_run(workdir)
+  if damaged:
+    found.append("damaged checkpoint step(s) " + ", ".join(map(str, sorted(damaged))))
+  if not found:
+    return
+  if not config.get("start_over", False):
+    raise NoUsableCheckpointError(
+        f"{workdir} holds an earlier run ({', '.join(found)}) but no usable checkpoint to "
+        f"resume from; refusing to start from scratch over it. Use a new --workdir, or pass "
+        f"--config.start_over=True to start from scratch here (the earlier run's logs are "
+        f"then moved to {os.path.join(workdir, PREVIOUS_RUNS)}/<n>/).")
+  moved = _move_logs_aside(workdir)
+  if jax.process_index() == 0:
+    print(f"Starting over in {workdir} (start_over=True): no usable checkpoint; the earlier "
+          f"run's logs were moved to {moved}.", flush=True)
+
+
+def _move_logs_aside(workdir: str) -> str:
+  base = os.path.join(workdir, PREVIOUS_RUNS)
+  n = 1
+  while os.path.exists(os.path.join(base, str(n))):
+    n += 1
+  target = os.path.join(base, str(n))
+  if jax.process_index() == 0:
+    os.makedirs(target)
+    for name in ("config.json", "metrics.jsonl", "tensorboard", "eval", "eval_cache"):
+      if os.path.exists(os.path.join(workdir, name)):
+        shutil.move(os.path.join(workdir, name), os.path.join(target, name))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("earlier run moved aside")
+  return target
 
 
 def save_config(config, workdir: str) -> None:

@@ -2,8 +2,11 @@
 
 One linear function (`train_and_evaluate`) in banner-commented sections, so a reader
 follows a run in order. Resume order (first that applies):
-  1. the latest checkpoint in `workdir/checkpoints` (model, optimizer, step, RNG, data
-     iterator: the run continues exactly where it stopped);
+  1. the latest usable checkpoint in `workdir/checkpoints` (model, optimizer, step, RNG,
+     data iterator, bad-data counts: the run continues exactly where it stopped). Damaged
+     newer steps are named and moved to `workdir/checkpoints_damaged/`
+     (`checkpointing.py`); a workdir with an earlier run's logs and no usable step is
+     refused unless `config.start_over` is set;
   2. `config.init_from`: another run's workdir/checkpoint folder or a VindLU `.pth`
      (parameters only; temporal embeddings resized by SPEC's rule);
   3. `config.pretrained.beit` / `config.pretrained.bert`: Hugging Face weights;
@@ -40,14 +43,17 @@ class NonFiniteLossError(RuntimeError):
 def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) -> dict:
   """Trains `config` in `workdir`; returns the final evaluation results (if any)."""
   # ------------------------------------------------------------------ Set up logging
+  run_setup.check_run_settings(config)  # before any work (main.py also checks the data)
   run_setup.maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
-  writer = writer_lib.MetricWriter(workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.keep_checkpoints)
-  run_setup.warn_if_resuming_with_changes(config, workdir,
-                                          resuming=ckpt.latest_step() is not None)
+                                    max_to_keep=config.keep_checkpoints, quarantine=True)
+  resume_step = ckpt.latest_step()  # the newest usable step; damaged ones are named
+  if resume_step is None:
+    run_setup.check_start_from_scratch(config, workdir, ckpt.damaged)
+  run_setup.warn_if_resuming_with_changes(config, workdir, resuming=resume_step is not None)
   run_setup.save_config(config, workdir)
+  writer = writer_lib.MetricWriter(workdir)
   is_main = jax.process_index() == 0
 
   # ------------------------------------------------------------------ Mesh
@@ -64,7 +70,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   total_updates = run_setup.total_steps(config, steps_per_epoch)
   accum = int(config.optimizer.grad_accum_steps or 1)
   total_micro_steps = total_updates * accum
-  data_iter = iter(train_ds)
+  # Counts bad samples per batch; checkpointed with the iterator.
+  data_iter = bad_data.TrackedIterator(iter(train_ds), bad_data.FailureTracker.from_config(config.data))
 
   # ------------------------------------------------------------------ Create model & optimizer
   tx = optimizer_lib.make_optimizer(config.optimizer, total_updates)
@@ -82,6 +89,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   # ------------------------------------------------------------------ Load checkpoint
   state, source = initialization.initial_state(
       config, ckpt=ckpt, abstract=abstract, shardings=shardings, tx=tx, data_iter=data_iter)
+  if ckpt.restored_step is not None:  # an older step if the newest failed to restore
+    source = f"resumed from {ckpt.step_dir(ckpt.restored_step)}"
   start_step = int(state["step"])
   logging.info("Starting at step %d (%s); %d steps in all, %d per epoch",
                start_step, source, total_micro_steps, steps_per_epoch)
@@ -89,47 +98,47 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
     print(f"Starting at step {start_step}/{total_micro_steps} ({source})", flush=True)
 
   # ------------------------------------------------------------------ Train loop
-  failures = bad_data.FailureTracker.from_config(config.data)
+  failures = data_iter.failures
   batch_sharding = sharding_lib.batch_sharding(mesh)
   step = start_step
   t_last, step_last = time.perf_counter(), step
   last_metrics = None
-  while step < total_micro_steps:
-    local = next(data_iter)
-    failures.update(local)
-    # A cheap fingerprint of this process's batch, logged so that a resumed run can be
-    # checked against an uninterrupted one batch by batch.
-    batch_crc = zlib.crc32(np.ascontiguousarray(local["input_ids"]).tobytes()
-                           + np.ascontiguousarray(local["video_idx"]).tobytes())
-    batch = pipeline_lib.global_batch(local, mesh, sharding_lib.DATA_AXES, keys=MODEL_BATCH_KEYS)
-    state, metrics = train_step(state, batch)
-    step += 1
-    # Check the previous step's loss (already computed) so the host does not stall.
-    if last_metrics is not None:
-      _check_finite(last_metrics, step - 1)
-    last_metrics = metrics
+  try:
+    while step < total_micro_steps:
+      local = next(data_iter)  # counted by `failures` (raises past data.failure_fraction)
+      # A cheap fingerprint of this process's batch, logged so that a resumed run can be
+      # checked against an uninterrupted one batch by batch.
+      batch_crc = zlib.crc32(np.ascontiguousarray(local["input_ids"]).tobytes()
+                             + np.ascontiguousarray(local["video_idx"]).tobytes())
+      batch = pipeline_lib.global_batch(local, mesh, sharding_lib.DATA_AXES, keys=MODEL_BATCH_KEYS)
+      state, metrics = train_step(state, batch)
+      step += 1
+      # Check the previous step's loss (already computed) so the host does not stall.
+      if last_metrics is not None:
+        _check_finite(last_metrics, step - 1)
+      last_metrics = metrics
 
-    if step % config.log_every == 0 or step == total_micro_steps:
-      _check_finite(metrics, step)
-      now = time.perf_counter()
-      rate = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
-      eta = (total_micro_steps - step) * config.batch_size / max(rate, 1e-9)
-      host_metrics = jax.tree.map(np.asarray, metrics)
-      host_metrics.update(failures.counts())
-      writer.write(step, {**host_metrics, "samples_per_sec": rate, "data/batch_crc": batch_crc})
-      if is_main:
-        print(writer_lib.console_line(step, total_micro_steps, host_metrics, rate, eta,
-                                      failures.summary()), flush=True)
-      t_last, step_last = now, step
+      if step % config.log_every == 0 or step == total_micro_steps:
+        _check_finite(metrics, step)
+        now = time.perf_counter()
+        rate = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
+        eta = (total_micro_steps - step) * config.batch_size / max(rate, 1e-9)
+        host_metrics = jax.tree.map(np.asarray, metrics)
+        host_metrics.update(failures.counts())
+        writer.write(step, {**host_metrics, "samples_per_sec": rate, "data/batch_crc": batch_crc})
+        if is_main:
+          print(writer_lib.console_line(step, total_micro_steps, host_metrics, rate, eta,
+                                        failures.summary()), flush=True)
+        t_last, step_last = now, step
 
-    if step % config.checkpoint_every == 0 or step == total_micro_steps:
-      _check_finite(metrics, step)  # never overwrite a good checkpoint with a diverged state
-      ckpt.save(step, state, data_iter, force=True)
+      if step % config.checkpoint_every == 0 or step == total_micro_steps:
+        _check_finite(metrics, step)  # never overwrite a good checkpoint with a diverged state
+        ckpt.save(step, state, data_iter, force=True)
 
-    if config.eval_every and step % config.eval_every == 0 and step != total_micro_steps:
-      _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
-
-  ckpt.close()
+      if config.eval_every and step % config.eval_every == 0 and step != total_micro_steps:
+        _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
+  finally:
+    ckpt.close()  # waits for the last save, which holds the iterator's state
   results = {}
   if evaluate_at_end and config.eval.corpora_enabled:
     results = _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
