@@ -32,11 +32,19 @@ Batches (numpy, per process, b = global_batch_size / process_count):
 The iterator state (`it.get_state()`, or Orbax with `grain.checkpoint.CheckpointSave(it)`
 / `CheckpointRestore(it)`) restores the exact next batch; restore with the same config,
 seed, worker count and process layout.
+
+Closing: with workers, each batch reaches the main process in shared memory, unlinked
+only when the iterator is closed or the array is collected. An iterator left open at exit
+leaves its prefetched blocks behind (Python's resource tracker then reports "leaked
+shared_memory objects"), so whoever iterates closes the iterator when done, drops its
+batches and calls `release_shared_memory` (the train loop and
+`RetrievalEvaluator.embed_videos` do).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any, Sequence
 
 import grain
@@ -220,6 +228,32 @@ def make_train_dataset(data_cfg, *, tokenizer, global_batch_size: int, num_frame
   return batches.map(_TokenizeBatch(CaptionEncoder(tokenizer, data_cfg.max_len, data_cfg.add_sep)))
 
 
+def close_iterator(it) -> None:
+  """Stops an iterator's worker processes and unlinks the blocks still queued for it."""
+  close = getattr(it, "close", None)
+  if close is not None:
+    close()
+
+
+def release_shared_memory() -> None:
+  """Frees, before returning, the shared-memory blocks of batches no longer referenced.
+
+  Call it after closing the iterator and dropping every reference to it and its batches.
+  A block already handed to this process is unlinked when its array is collected, by
+  Grain's deletion thread: so collect (the iterator's buffers hold cycles), then wait for
+  that thread, which runs its queue in order: a no-op queued last has run once everything
+  before it has."""
+  gc.collect()
+  # grain._src is not public, hence looked up defensively (absent: nothing to wait for).
+  try:
+    from grain._src.python.ipc import shared_memory_array  # noqa: PLC0415
+  except ImportError:
+    return
+  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+  if pool is not None:
+    pool.apply(int)
+
+
 def _read(ds: grain.MapDataset, *, num_workers: int, threads: int, prefetch: int
           ) -> grain.IterDataset:
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(int(threads), 1),
@@ -236,7 +270,8 @@ def _read(ds: grain.MapDataset, *, num_workers: int, threads: int, prefetch: int
 
 class _EvalExample(_MediaReader):
   """`map` transform: (video index, valid) -> eval clip. A bad file gives a black clip
-  (a substitute would break the ground truth) and is reported like a training failure."""
+  (a substitute would break the ground truth) and its failure record, which the
+  evaluation collects, prints and saves (`evaluation/broken_videos.py`)."""
 
   def __init__(self, corpus: Corpus, *, num_frames: int, image_size: int,
                max_seconds: float | None, prepared: PreparedFrames | None = None):
@@ -272,6 +307,7 @@ class EvalData:
     texts: the raw texts; `input_ids`, `attention_mask` int32 [num_texts, L] their tokens.
     txt2vid: int32 [num_texts], the video of each text.
     vid2txt: for each video, the indices of its texts.
+    video_paths: the media file of each video (names the broken ones).
   """
   name: str
   num_frames: int
@@ -282,6 +318,7 @@ class EvalData:
   attention_mask: np.ndarray
   txt2vid: np.ndarray
   vid2txt: list[list[int]]
+  video_paths: list[str] = dataclasses.field(default_factory=list)
 
 
 def make_eval_data(corpus_cfg, *, tokenizer, num_frames: int, image_size: int,
@@ -320,7 +357,8 @@ def make_eval_data(corpus_cfg, *, tokenizer, num_frames: int, image_size: int,
   return EvalData(name=corpus.name, num_frames=example.num_frames, videos=videos,
                   num_videos=n, texts=list(corpus.texts), input_ids=input_ids,
                   attention_mask=attention_mask, txt2vid=corpus.txt2vid.copy(),
-                  vid2txt=[list(v) for v in corpus.vid2txt])
+                  vid2txt=[list(v) for v in corpus.vid2txt],
+                  video_paths=[corpus.media_path(i) for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Retrieval evaluation of a run: every eval corpus of the config, results to
-`workdir/eval/<step>.json`, TensorBoard and the console (with the inference frame count)."""
+`workdir/eval/<step>.json`, TensorBoard and the console (with the inference frame count
+and the videos that could not be read, `broken_videos.py`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from input_pipeline import pipeline as pipeline_lib
 from t2v2t_jax.evaluation import metrics as metrics_lib
+from t2v2t_jax.evaluation.broken_videos import BrokenVideos
 from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
 from t2v2t_jax.training import checkpointing
 from t2v2t_jax.training import initialization
@@ -43,15 +45,22 @@ def evaluate_all(config, params, graphdef, mesh, tokenizer, workdir: str, step: 
         source=config.data.source, prepared_dir=config.data.prepared_dir,
         num_workers=config.data.num_workers, worker_threads=config.data.worker_threads,
         prefetch=config.data.prefetch)
-    res = evaluator.evaluate(params, data, num_frames=data.num_frames)
-    results[data.name] = res
+    broken = BrokenVideos(data)
+    embedded = evaluator.embed(params, broken.watch(data))
+    broken.collect()
+    broken.check(config.data.failure_fraction)  # before the reranking
+    res = evaluator.evaluate(params, data, num_frames=data.num_frames, embedded=embedded)
+    res["num_broken_videos"] = len(broken.entries)
     if is_main:
       print(f"\nRetrieval on {data.name} at step {step} "
             f"({res['num_videos']} videos, {res['num_texts']} texts, k={res['k']}, "
             f"{res['num_frames']} inference frames):")
       print(metrics_lib.format_table(res, res["num_frames"]), flush=True)
+      if broken.entries:
+        print(broken.report(), flush=True)
     if writer is not None:
       writer.write(step, res, prefix=f"eval/{data.name}/")
+    results[data.name] = {**res, "broken_videos": broken.entries}
   if is_main:
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from input_pipeline.pipeline import close_iterator, release_shared_memory
 from t2v2t_jax.evaluation import metrics as metrics_lib
 from t2v2t_jax.progress import Progress
 from t2v2t_jax.training import sharding as sharding_lib
@@ -124,19 +125,30 @@ class RetrievalEvaluator:
     each process's batch size must be a multiple of its local device count.
     """
     video_emb, tokens = None, None
-    with Progress(data.num_videos, "embed videos", enabled=self.progress) as bar:
-      for batch in data.videos:
-        frames, index, valid = (np.asarray(batch[k]) for k in ("frames", "video_idx", "valid"))
-        emb, tok = self._encode_video(params, *self._put_local(frames))
-        emb, tok = to_host(emb), to_host(tok)
-        index, valid = to_host(self._put_local(index)[0]), to_host(self._put_local(valid)[0])
-        keep = valid.astype(bool)
-        if video_emb is None:
-          video_emb = np.zeros((data.num_videos,) + emb.shape[1:], np.float32)
-          tokens = self._token_store((data.num_videos,) + tok.shape[1:])
-        video_emb[index[keep]] = emb[keep]
-        tokens[index[keep]] = tok[keep]
-        bar.update(int(keep.sum()))
+    batches = iter(data.videos)
+    try:
+      with Progress(data.num_videos, "embed videos", enabled=self.progress) as bar:
+        for batch in batches:
+          frames = np.asarray(batch["frames"])
+          # Copies: JAX may keep the array it is given alive, which would keep the
+          # loader's shared-memory block alive past the end of the process.
+          index, valid = (np.array(batch[k]) for k in ("video_idx", "valid"))
+          emb, tok = self._encode_video(params, *self._put_local(frames))
+          emb, tok = to_host(emb), to_host(tok)
+          index, valid = to_host(self._put_local(index)[0]), to_host(self._put_local(valid)[0])
+          keep = valid.astype(bool)
+          if video_emb is None:
+            video_emb = np.zeros((data.num_videos,) + emb.shape[1:], np.float32)
+            tokens = self._token_store((data.num_videos,) + tok.shape[1:])
+          video_emb[index[keep]] = emb[keep]
+          tokens[index[keep]] = tok[keep]
+          bar.update(int(keep.sum()))
+          batch = frames = None  # the loader's shared-memory arrays (see the finally)
+    finally:
+      # Workers stopped, batches unlinked: nothing left in shared memory at exit.
+      close_iterator(batches)
+      batches = batch = frames = None
+      release_shared_memory()
     return video_emb, tokens
 
   def _token_store(self, shape):

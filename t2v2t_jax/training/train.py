@@ -139,6 +139,10 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
         _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
   finally:
     ckpt.close()  # waits for the last save, which holds the iterator's state
+    # Stops the workers and frees the batches in shared memory (the last one included).
+    pipeline_lib.close_iterator(data_iter)
+    local = batch = data_iter = None
+    pipeline_lib.release_shared_memory()
   results = {}
   if evaluate_at_end and config.eval.corpora_enabled:
     results = _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
