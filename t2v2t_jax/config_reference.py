@@ -46,7 +46,7 @@ DESCRIPTIONS = {
     "data_root": "Folder that the recipes' annotation files and media folders are relative to (`{data_root}` in the recipe tables).",
     "eval_every": "Steps between evaluations during training; 0: evaluate only at the end.",
     "init_from": "Parameters to start from when the workdir has no checkpoint: a run's workdir or checkpoint folder, or a VindLU `.pth` (converted on the fly). The optimizer starts fresh.",
-    "start_over": "A workdir that holds an earlier run (logged metrics, evaluation results or damaged checkpoints) but no usable checkpoint is refused, so that a new run neither mixes its metrics with the old ones nor silently drops the old progress; True starts from scratch there instead, after moving the earlier run's logs to `workdir/previous_runs/<n>/`.",
+    "start_over": "A workdir that holds an earlier training run (training steps logged in `metrics.jsonl`, or damaged checkpoints set aside) but no usable checkpoint is refused, so that a new run neither mixes its metrics with the old ones nor silently drops the old progress; True starts from scratch there instead, after moving the earlier run's logs to `workdir/previous_runs/<n>/`.",
     "keep_checkpoints": "How many of the latest checkpoints are kept in `workdir/checkpoints` (at least 1: Orbax would otherwise delete every one, the final one included). A damaged latest step is set aside in `workdir/checkpoints_damaged/` and the run resumes from the one before, so keeping 2 or more is what makes that possible.",
     # Model.
     "model.vision.variant": "Size name of the video encoder, `<size>/<patch>` (`B/16`, `S/16`, `Ti/16`, `test/16`); sets width, depth, heads, MLP and patch below.",

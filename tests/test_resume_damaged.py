@@ -165,6 +165,15 @@ def test_an_earlier_run_without_checkpoints_is_refused_before_any_work(tmp_path)
   assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
 
 
+def test_evaluation_rows_alone_are_not_an_earlier_run(tmp_path):
+  """A zero-shot `--mode eval` in the folder before training logs no training step."""
+  from configs import demo
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/x/t2v_r1": 1.0}) + "\n")
+  (tmp_path / "config.json").write_text("{}")
+  run_setup.check_start_from_scratch(demo.get_config("tiny"), str(tmp_path))
+  assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "previous_runs").exists()
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("log_every", 0, r"log_every=0 must be an integer >= 1 \(a number of steps\)"),
     ("checkpoint_every", 0, r"checkpoint_every=0 must be an integer >= 1"),

@@ -178,20 +178,34 @@ def warn_if_resuming_with_changes(config, workdir: str, *, resuming: bool) -> li
 PREVIOUS_RUNS = "previous_runs"  # where `start_over` moves an earlier run's logs
 
 
+def _logged_training(metrics_path: str) -> bool:
+  """Whether `metrics.jsonl` holds a training step (a row with a loss); evaluation rows
+  alone, e.g. of a zero-shot `--mode eval` in the same folder, do not count."""
+  try:
+    with open(metrics_path) as f:
+      for line in f:
+        try:
+          if "loss" in json.loads(line):
+            return True
+        except ValueError:
+          continue  # a line cut short by a crash
+  except OSError:
+    pass
+  return False
+
+
 def earlier_run(workdir: str) -> list[str]:
-  """What an earlier run left in `workdir` that a run from scratch would mix with or
-  silently drop: logged metrics, evaluation results, damaged checkpoints set aside.
-  (A `config.json` alone, from a run that stopped before its first step, loses nothing.)"""
+  """What an earlier training run left in `workdir` that a run from scratch would mix
+  with or silently drop: logged training steps, damaged checkpoints set aside. (A
+  `config.json` alone, from a run that stopped before its first step, loses nothing.)"""
   from t2v2t_jax.training.checkpointing import DAMAGED_DIR  # noqa: PLC0415
 
   found = []
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+  if _logged_training(os.path.join(workdir, "metrics.jsonl")):
     found.append("metrics.jsonl")
-  for name in ("eval", DAMAGED_DIR):
-    path = os.path.join(workdir, name)
-    if os.path.isdir(path) and os.listdir(path):
-      found.append(name + "/")
+  damaged = os.path.join(workdir, DAMAGED_DIR)
+  if os.path.isdir(damaged) and os.listdir(damaged):
+    found.append(DAMAGED_DIR + "/")
   return found
 
 
