@@ -187,6 +187,13 @@ class _Archive:
           "re-save it with torch >= 1.6)")
     self.size = os.path.getsize(path)
     self.zip = zipfile.ZipFile(path)
+    try:
+      self._check()
+    except BaseException:
+      self.zip.close()
+      raise
+
+  def _check(self) -> None:
     infos = self.zip.infolist()
     if not infos:
       raise UnsafeCheckpointError("an empty zip archive, not a torch.save file")
