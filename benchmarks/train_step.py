@@ -102,7 +102,12 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "test"
   g.add_argument("--text-len", type=int, help="text tokens per caption")
   g.add_argument("--vocab", type=int)
   g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-  g.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False)
+  g.add_argument("--remat", nargs="?", const="full", default="none",
+                 choices=("none", "full", "save_dots"),
+                 help="per-layer remat policy (bare --remat: 'full')")
+  g.add_argument("--scan", choices=("auto", "on", "off"), default="auto",
+                 help="model.scan_layers: scan each stack of identical layers ('auto': on "
+                      "TPU and CPU, not on GPU)")
   g.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "cudnn", "explicit"))
   g.add_argument("--batch", type=int, help="per-device batch")
   parser.add_argument("--init", choices=("synthetic", "real"), default="synthetic",
@@ -171,7 +176,8 @@ def build_model_config(args, *, no_dropout: bool = False):
   cfg.vision.num_frames = int(args.frames)
   cfg.text.vocab_size = int(args.vocab)
   cfg.dtype = args.dtype
-  cfg.remat = bool(args.remat)
+  cfg.remat = args.remat
+  cfg.scan_layers = args.scan
   cfg.attention_impl = args.attention_impl
   cfg.fusion.t2v_placement = args.t2v_placement
   if no_dropout:
@@ -188,7 +194,8 @@ def describe_config(cfg, args) -> str:
           f"MLP {v.mlp_dim}, {args.image_size}px), text {args.text} (width {t.width}, "
           f"{t.num_layers} layers, fusion from {t.fusion_layer}, heads {t.num_heads}, "
           f"MLP {t.mlp_dim}, vocab {t.vocab_size}), mode {cfg.fusion.mode}, "
-          f"{args.frames} frames, text len {args.text_len}, {cfg.dtype}, remat {cfg.remat}")
+          f"{args.frames} frames, text len {args.text_len}, {cfg.dtype}, remat {cfg.remat}, "
+          f"scan {cfg.scan_layers}")
 
 
 def special_ids_for(vocab: int) -> dict:
@@ -351,7 +358,7 @@ def run(args) -> dict:
   result = {"benchmark": "train_step", **device_summary(), "preset": args.preset,
             "config": describe_config(cfg, args), "mode": cfg.fusion.mode, "vision": args.vision,
             "text": args.text, "frames": args.frames, "image_size": args.image_size,
-            "text_len": args.text_len, "dtype": cfg.dtype, "remat": bool(cfg.remat),
+            "text_len": args.text_len, "dtype": cfg.dtype, "remat": cfg.remat, "scan_layers": cfg.scan_layers,
             "losses": "+".join(k for k, w in weights.items() if w), "no_dropout": args.no_dropout,
             "batch_per_device": args.batch, "global_batch": global_batch,
             "compile_cache": bool(args.compile_cache), "init": args.init,
@@ -486,6 +493,17 @@ def run(args) -> dict:
     hw = result["xla_flops_per_sample"] * global_batch / median / n_dev / 1e12
     result["xla_tflops_per_device"] = hw
     result["hfu_xla"] = hw / peak if peak else None
+  if args.profile:
+    # A few more steps under the profiler: where the device time goes, by kernel.
+    import tempfile  # noqa: PLC0415
+    import kernel_profile  # noqa: PLC0415
+    trace_dir = tempfile.mkdtemp(prefix="t2v2t_trace_")
+    with jax.profiler.trace(trace_dir):
+      for i in range(args.profile):
+        state, metrics = step_fn(state, batches[i % 2])
+      jax.block_until_ready((state, metrics))
+    result["profile"] = kernel_profile.summarize(trace_dir, steps=args.profile)
+    print(kernel_profile.format_summary(result["profile"], median * 1e3), flush=True)
   result["load_after"] = load_str()
   result["status"] = "ok" if result["loss_finite"] and result["recompiles_after_step2"] == 0 else (
       "non_finite_loss" if not result["loss_finite"] else "recompiled")
@@ -534,6 +552,9 @@ def main(argv=None):
                            "fused attention everywhere)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 2)")
+  parser.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="after timing, trace N more steps and print the device time per "
+                           "kernel and kind (benchmarks/kernel_profile.py)")
   parser.add_argument("--compile-only", action="store_true",
                       help="compile and report FLOPs/memory without running")
   parser.add_argument("--json-out", help="append the JSON result line to this file")
@@ -549,7 +570,7 @@ def main(argv=None):
     result = {"benchmark": "train_step", "status": status, "error": msg[:2000],
               "preset": args.preset, "mode": args.mode, "vision": args.vision, "text": args.text,
               "frames": args.frames, "batch_per_device": args.batch, "dtype": args.dtype,
-              "remat": bool(args.remat), "mlm": args.mlm, **device_summary()}
+              "remat": args.remat, "scan_layers": args.scan, "mlm": args.mlm, **device_summary()}
     emit(result, args.json_out)
     return 1
   report(result)

@@ -85,7 +85,7 @@ def finetune_config(*, batch_size: int, epochs: float, max_len: int, train_frame
   c.optimizer.lr, c.optimizer.min_lr = 1e-5, 1e-6
   c.optimizer.epochs, c.optimizer.warmup_epochs = epochs, 0.5
   c.loss_weights.update(dict(vtc=1.0, vtm=1.0, mlm=0.0))
-  c.model.remat = True
+  c.model.remat = "full"
   c.model.dtype = "bfloat16"
   return c
 

@@ -33,7 +33,7 @@ def get_config(arg=None):
   # same (cosine 0.9999) and learning on a long plateau; 1/sqrt(width) starts it at once.
   c.model.init_std = 0.09
   c.model.dtype = "float32"
-  c.model.remat = False
+  c.model.remat = "none"
 
   c.data_root = "data/synthetic"
   common.synthetic_corpora(c, c.get_ref("data_root"))

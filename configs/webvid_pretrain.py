@@ -31,6 +31,6 @@ def get_config(arg=None):
   c.optimizer.lr, c.optimizer.min_lr = 1e-4, 1e-6
   c.optimizer.epochs, c.optimizer.warmup_epochs = 10, 1
   c.loss_weights.update(dict(vtc=1.0, vtm=1.0, mlm=1.0))
-  c.model.remat = True
+  c.model.remat = "full"
   c.model.dtype = "bfloat16"
   return common.finalize(c, arg)

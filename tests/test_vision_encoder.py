@@ -272,7 +272,7 @@ def test_temporal_block_matches_per_position_numpy_reference():
   give the same output."""
   from t2v2t_jax.models.vision_encoder import TemporalAttention  # noqa: PLC0415
   b, t, n, d, heads = 2, 3, 5, 16, 2
-  block = TemporalAttention(d, heads, eps=1e-6, drop_path_rate=0.0, rngs=nnx.Rngs(0))
+  block = TemporalAttention(d, heads, eps=1e-6, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(1)
   updates = {k: (rng.normal(size=v.shape) * 0.4).astype(np.float32)
              for k, v in flatten_params(block).items()}
@@ -280,7 +280,7 @@ def test_temporal_block_matches_per_position_numpy_reference():
   updates["scale"] = np.float32(0.7)
   assign_params(block, updates)
   x = rng.normal(size=(b, t, n, d)).astype(np.float32)
-  got = np.asarray(block(jnp.asarray(x), deterministic=True, rngs=None))
+  got = np.asarray(block(jnp.asarray(x), drop_path_rate=0.0, deterministic=True, rngs=None))
 
   p = {k: np.asarray(v, np.float64) for k, v in flatten_params(block).items()}
   hd = d // heads

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from t2v2t_jax.models.layer_stack import REMAT_POLICIES, SCAN_SETTINGS
+
 # width, depth, heads, mlp
 VISION_VARIANTS = {
     "B": (768, 12, 12, 3072),
@@ -92,7 +94,8 @@ def model_config(vision: str = "B/16", text: str = "base", fusion_mode: str = "t
   c.temp_min = 0.001
   c.temp_max = 0.5
   c.dtype = "float32"                    # compute dtype; parameters stay float32
-  c.remat = False                        # rematerialise each layer (gradient checkpointing)
+  c.remat = "none"                       # per-layer remat policy: 'none' | 'full' | 'save_dots' (layer_stack.py)
+  c.scan_layers = "auto"                 # 'auto' (scan on TPU/CPU, unroll on GPU) | 'on' | 'off' (layer_stack.py)
   c.attention_impl = "auto"              # 'auto': jax.nn.dot_product_attention unless attention dropout is active
   return c
 
@@ -109,6 +112,8 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
   check("fusion.t2v_residual", c.fusion.t2v_residual, T2V_RESIDUALS)
   check("dtype", c.dtype, DTYPES)
   check("attention_impl", c.attention_impl, ATTENTION_IMPLS)
+  check("remat", c.remat, REMAT_POLICIES + (True, False))
+  check("scan_layers", c.get("scan_layers", "auto"), SCAN_SETTINGS + (True, False))
   if c.vision.width % c.vision.num_heads:
     raise ValueError(f"model.vision.width={c.vision.width} is not divisible by num_heads={c.vision.num_heads}")
   if c.text.width % c.text.num_heads:

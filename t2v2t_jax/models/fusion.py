@@ -29,23 +29,20 @@ Parameter paths:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t2v2t_jax.models import layer_stack
 from t2v2t_jax.models import layers as L
 from t2v2t_jax.models.bypass import BypassCrossAttention
-from t2v2t_jax.models.text_encoder import BertLayer, apply_bert_layer
+from t2v2t_jax.models.text_encoder import BertLayer, apply_bert_layers
 
 FUSION_MODES = ("v2t", "t2v2t", "t2v2t_naive", "joint")
 T2V_MODES = ("t2v2t", "t2v2t_naive")
 
 
-def _apply_t2v(block, text, text_mask, video, rngs, deterministic, return_weights):
-  return block(text, text_mask, video, deterministic=deterministic, rngs=rngs,
-               return_weights=return_weights)
-
-
-def _apply_layer_with_t2v(layer, block, x, key_mask, video, rngs, deterministic, return_weights):
+def _layer_with_t2v(layer, block, x, key_mask, video, *, deterministic, rngs, return_weights):
   """One fusion layer whose V2T keys/values come from its own T2V block ('per_layer')."""
   b, t, n, d = video.shape
   video_t2v, weights = None, None
@@ -62,9 +59,16 @@ def _apply_layer_with_t2v(layer, block, x, key_mask, video, rngs, deterministic,
   return x, video_t2v, weights
 
 
-# Rematerialised variants; `deterministic` and `return_weights` are static Python bools.
-_apply_t2v_remat = nnx.remat(_apply_t2v, static_argnums=(5, 6))
-_apply_layer_with_t2v_remat = nnx.remat(_apply_layer_with_t2v, static_argnums=(6, 7))
+class _LayerAndBlock(nnx.Module):
+  """A fusion layer with its T2V block, as one unit of a scanned stack ('per_layer').
+
+  Made at call time around the stored `layers[i]` and `t2v_blocks[i]`; it owns no
+  parameters of its own, so the parameter paths stay `layers.{i}.*`, `t2v_blocks.{i}.*`.
+  """
+
+  def __init__(self, layer, block):
+    self.layer = layer
+    self.block = block
 
 
 class FusionEncoder(nnx.Module):
@@ -77,7 +81,7 @@ class FusionEncoder(nnx.Module):
     t2v / t2v_blocks: the T2V bypass block(s) in 't2v2t' and 't2v2t_naive'.
   """
 
-  def __init__(self, model_cfg, *, dtype=None, remat: bool = False,
+  def __init__(self, model_cfg, *, dtype=None, remat="none", scan_layers: bool = False,
                attention_impl: str = "auto", rngs: nnx.Rngs):
     cfg_t, cfg_f = model_cfg.text, model_cfg.fusion
     dtype = L.as_dtype(dtype)
@@ -91,7 +95,8 @@ class FusionEncoder(nnx.Module):
     self.mode = cfg_f.mode
     self.t2v_placement = cfg_f.t2v_placement
     self.keep_frame_cls = bool(cfg_f.keep_frame_cls)
-    self.remat = bool(remat)
+    self.remat = layer_stack.normalize_remat(remat)
+    self.scan_layers = bool(scan_layers)
     num_layers = cfg_t.num_layers - cfg_t.fusion_layer
     kv_features = None if self.mode == "joint" else model_cfg.vision.width
     self.layers = nnx.List([
@@ -138,40 +143,46 @@ class FusionEncoder(nnx.Module):
     b, t, n, dv = video_tokens.shape
     lt = text_hidden.shape[1]
     x = text_hidden
-    hidden_states = [x]
     t2v_weights, t2v_video = [], []
-    layer_kw = dict(deterministic=deterministic, rngs=rngs, remat=self.remat)
+    stack_kw = dict(rngs=rngs, remat=self.remat, scan=self.scan_layers)
 
     if self.mode == "joint":
       video_flat = video_tokens.reshape(b, t * n, dv).astype(x.dtype)
       seq = jnp.concatenate([x, video_flat], axis=1)
       seq_mask = jnp.concatenate([key_mask, jnp.ones((b, t * n), bool)], axis=1)
-      for layer in self.layers:
-        seq = apply_bert_layer(layer, seq, seq_mask, **layer_kw)
-        hidden_states.append(seq[:, :lt])
+      seq, outputs = apply_bert_layers(self.layers, seq, seq_mask, deterministic=deterministic,
+                                       **stack_kw)
       x = seq[:, :lt]
+      layer_outputs = [o[:, :lt] for o in outputs]
 
     elif self.mode == "v2t" or self.t2v_placement == "once":
       if self.mode in T2V_MODES:
-        apply_t2v = _apply_t2v_remat if self.remat else _apply_t2v
-        video_tokens, weights = apply_t2v(self.t2v, x, key_mask, video_tokens, rngs,
-                                          deterministic, return_aux)
+        def call_t2v(block, video, rngs):
+          return block(x, key_mask, video, deterministic=deterministic, rngs=rngs,
+                       return_weights=return_aux)
+        video_tokens, weights = layer_stack.apply_layer(self.t2v, call_t2v, video_tokens,
+                                                        rngs=rngs, remat=self.remat)
         t2v_weights.append(weights)
         t2v_video.append(video_tokens)
       kv = video_tokens.reshape(b, t * n, dv)
-      for layer in self.layers:
-        x = apply_bert_layer(layer, x, key_mask, kv=kv, **layer_kw)
-        hidden_states.append(x)
+      x, layer_outputs = apply_bert_layers(self.layers, x, key_mask, kv=kv,
+                                           deterministic=deterministic, **stack_kw)
 
     else:  # T2V inside every fusion layer
-      apply_layer = _apply_layer_with_t2v_remat if self.remat else _apply_layer_with_t2v
-      for layer, block in zip(self.layers, self.t2v_blocks):
-        x, video_t2v, weights = apply_layer(layer, block, x, key_mask, video_tokens, rngs,
-                                            deterministic, return_aux)
-        hidden_states.append(x)
-        t2v_weights.append(weights)
-        t2v_video.append(video_t2v)
+      def call_pair(pair, x, rngs):
+        x, video_t2v, weights = _layer_with_t2v(
+            pair.layer, pair.block, x, key_mask, video_tokens, deterministic=deterministic,
+            rngs=rngs, return_weights=return_aux)
+        # The T2V outputs leave the stack only when asked for (scanned, they would be
+        # stacked per layer).
+        return x, ((x, video_t2v, weights) if return_aux else (x, None, None))
+      pairs = [_LayerAndBlock(layer, block) for layer, block in zip(self.layers, self.t2v_blocks)]
+      x, outputs = layer_stack.apply_layers(pairs, call_pair, x, outputs=True, **stack_kw)
+      layer_outputs = [o[0] for o in outputs]
+      t2v_video = [o[1] for o in outputs]
+      t2v_weights = [o[2] for o in outputs]
 
+    hidden_states = [text_hidden] + list(layer_outputs)
     aux = {"hidden_states": tuple(hidden_states)}
     if return_aux and self.mode in T2V_MODES:
       aux["t2v_attention"] = tuple(t2v_weights)

@@ -38,21 +38,25 @@ def layer_norm(features: int, *, eps: float, rngs: nnx.Rngs, dtype=None) -> nnx.
                        use_fast_variance=False, rngs=rngs)
 
 
-class DropPath(nnx.Module):
-  """Stochastic depth: drop the whole residual branch per sample (leading axis)."""
+def drop_path(x, rate, *, deterministic: bool, rngs: nnx.Rngs | None):
+  """Stochastic depth: drop the whole residual branch per sample (leading axis).
 
-  def __init__(self, rate: float):
-    self.rate = float(rate)
-
-  def __call__(self, x, *, deterministic: bool, rngs: nnx.Rngs | None):
-    if self.rate == 0.0 or deterministic:
-      return x
-    if rngs is None:
-      raise ValueError("DropPath needs rngs when deterministic=False")
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(rngs.dropout(), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  `rate` is a Python float or a traced scalar (a scanned layer stack passes each layer's
+  rate as data, so that all layers share one compiled body). A key is drawn in training
+  mode whatever the rate, so that the draws that follow are the same whether a zero rate
+  arrives as a Python 0.0 (unrolled layers) or as data (scanned layers).
+  """
+  if deterministic:
+    return x
+  if rngs is None:
+    raise ValueError("drop_path needs rngs when deterministic=False")
+  key = rngs.dropout()
+  if isinstance(rate, (int, float)) and rate == 0.0:
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(key, keep, shape)
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
 def dropout(x, rate: float, *, deterministic: bool, rngs: nnx.Rngs | None):

@@ -14,7 +14,7 @@ import ml_collections
 from flax import nnx
 
 from input_pipeline import transforms
-from t2v2t_jax.models import layers
+from t2v2t_jax.models import layer_stack, layers
 from t2v2t_jax.models.config import validate_model_config
 from t2v2t_jax.models.fusion import FusionEncoder
 from t2v2t_jax.models.text_encoder import TextEncoder
@@ -44,7 +44,11 @@ class T2V2T(nnx.Module):
     self.config = config
     dtype = layers.as_dtype(config.dtype)
     self.dtype = dtype
-    common = dict(dtype=dtype, remat=config.remat, attention_impl=config.attention_impl)
+    # The scan setting is resolved for the backend the model is built on; the TPU compile
+    # planner resolves it for the target chip before building.
+    common = dict(dtype=dtype, remat=config.remat,
+                  scan_layers=layer_stack.resolve_scan(config.get("scan_layers", "auto")),
+                  attention_impl=config.attention_impl)
     self.vision_encoder = VideoEncoder(config.vision, rngs=rngs, **common)
     self.vision_layernorm = layers.layer_norm(config.vision.width, eps=config.vision.layer_norm_eps,
                                               dtype=dtype, rngs=rngs)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t2v2t_jax.models import layer_stack
 from t2v2t_jax.models import layers as L
 
 SUB_BLOCK_ORDERS = {
@@ -140,19 +141,14 @@ class BertLayer(nnx.Module):
     return x
 
 
-def _apply_layer(layer, x, key_mask, kv, rngs, deterministic):
-  return layer(x, key_mask, kv=kv, deterministic=deterministic, rngs=rngs)
-
-
-# Rematerialised variant: the layer's activations are recomputed in the backward pass.
-# `deterministic` (a Python bool) is static.
-_apply_layer_remat = nnx.remat(_apply_layer, static_argnums=(5,))
-
-
-def apply_bert_layer(layer: BertLayer, x, key_mask, *, kv=None, deterministic: bool,
-                     rngs: nnx.Rngs | None, remat: bool):
-  fn = _apply_layer_remat if remat else _apply_layer
-  return fn(layer, x, key_mask, kv, rngs, deterministic)
+def apply_bert_layers(layers, x, key_mask, *, kv=None, deterministic: bool,
+                      rngs: nnx.Rngs | None, remat: str, scan: bool):
+  """Runs `x` through BertLayers in order; returns (x, [every layer's output])."""
+  def call(layer, h, rngs):
+    h = layer(h, key_mask, kv=kv, deterministic=deterministic, rngs=rngs)
+    return h, h
+  return layer_stack.apply_layers(layers, call, x, rngs=rngs, remat=remat, scan=scan,
+                                  outputs=True)
 
 
 class MlmHead(nnx.Module):
@@ -182,11 +178,12 @@ class TextEncoder(nnx.Module):
     mlm_head: MlmHead; its decoder is `embeddings.word_embeddings.embedding`.
   """
 
-  def __init__(self, cfg_text, *, dtype=None, remat: bool = False, attention_impl: str = "auto",
-               rngs: nnx.Rngs):
+  def __init__(self, cfg_text, *, dtype=None, remat="none", scan_layers: bool = False,
+               attention_impl: str = "auto", rngs: nnx.Rngs):
     dtype = L.as_dtype(dtype)
     self.dtype = dtype
-    self.remat = bool(remat)
+    self.remat = layer_stack.normalize_remat(remat)
+    self.scan_layers = bool(scan_layers)
     self.embeddings = BertEmbeddings(cfg_text, dtype=dtype, rngs=rngs)
     self.layers = nnx.List([
         BertLayer(cfg_text, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
@@ -202,13 +199,10 @@ class TextEncoder(nnx.Module):
     output then each layer's output (as Hugging Face's `output_hidden_states`).
     """
     key_mask = attention_mask.astype(bool)
-    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
-    hidden_states = [x]
-    for layer in self.layers:
-      x = apply_bert_layer(layer, x, key_mask, deterministic=deterministic, rngs=rngs,
-                           remat=self.remat)
-      hidden_states.append(x)
-    return x, {"hidden_states": tuple(hidden_states)}
+    embedded = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+    x, outputs = apply_bert_layers(self.layers, embedded, key_mask, deterministic=deterministic,
+                                   rngs=rngs, remat=self.remat, scan=self.scan_layers)
+    return x, {"hidden_states": (embedded,) + tuple(outputs)}
 
   def mlm_logits(self, hidden):
     """hidden [B, L, D] (text encoder or fusion output) -> MLM logits [B, L, V]."""

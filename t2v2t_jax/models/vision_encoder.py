@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t2v2t_jax.models import layer_stack
 from t2v2t_jax.models import layers as L
 
 IN_CHANNELS = 3
@@ -267,8 +268,7 @@ class RelativePositionBias(nnx.Module):
 class TemporalAttention(nnx.Module):
   """`x + scale * drop_path(out_proj(MHA_time(norm(x))))` over the time axis of [B,T,N,D]."""
 
-  def __init__(self, width: int, num_heads: int, *, eps: float, drop_path_rate: float,
-               rngs: nnx.Rngs, dtype=None):
+  def __init__(self, width: int, num_heads: int, *, eps: float, rngs: nnx.Rngs, dtype=None):
     self.norm = L.layer_norm(width, eps=eps, dtype=dtype, rngs=rngs)
     # Only its q/k/v projections are used (the attention over T <= 32 frames is computed
     # in place in `__call__`), so no `attention_impl` applies here.
@@ -276,9 +276,8 @@ class TemporalAttention(nnx.Module):
                                           dtype=dtype, rngs=rngs)
     self.out_proj = L.linear(width, width, dtype=dtype, rngs=rngs)
     self.scale = nnx.Param(jnp.zeros((), jnp.float32))
-    self.drop_path = L.DropPath(drop_path_rate)
 
-  def __call__(self, x, *, deterministic: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x, *, drop_path_rate, deterministic: bool, rngs: nnx.Rngs | None):
     # Attention over the time axis in place: LayerNorm and the projections are per token,
     # so they run on [B, T, N, D] as it is, and only the [T, T] scores contract over time.
     # The textbook form (transpose to [B*N, T, D], attend, transpose back) moved every
@@ -294,15 +293,19 @@ class TemporalAttention(nnx.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     y = jnp.einsum("bnhts,bsnhd->btnhd", weights, v).reshape(b, t, n, heads * hd)
     y = self.out_proj(y)
-    y = self.drop_path(y, deterministic=deterministic, rngs=rngs)
+    y = L.drop_path(y, drop_path_rate, deterministic=deterministic, rngs=rngs)
     return x + self.scale[...].astype(y.dtype) * y
 
 
 class BeitLayer(nnx.Module):
-  """A BEiT layer applied to every frame, followed by the temporal block."""
+  """A BEiT layer applied to every frame, followed by the temporal block.
 
-  def __init__(self, cfg, *, grid: tuple[int, int], drop_path_rate: float, rngs: nnx.Rngs,
-               dtype=None, attention_impl: str = "auto"):
+  The layer's stochastic-depth rate is an argument of the call, not an attribute, so that
+  all layers of the encoder have one structure and can be scanned.
+  """
+
+  def __init__(self, cfg, *, grid: tuple[int, int], rngs: nnx.Rngs, dtype=None,
+               attention_impl: str = "auto"):
     d, heads, eps = cfg.width, cfg.num_heads, cfg.layer_norm_eps
     self.dropout_rate = float(cfg.dropout_rate)
     self.layernorm_before = L.layer_norm(d, eps=eps, dtype=dtype, rngs=rngs)
@@ -314,11 +317,10 @@ class BeitLayer(nnx.Module):
     self.layernorm_after = L.layer_norm(d, eps=eps, dtype=dtype, rngs=rngs)
     self.ffn = L.FeedForward(d, cfg.mlp_dim, dtype=dtype, rngs=rngs)
     self.lambda_2 = nnx.Param(jnp.full((d,), cfg.layer_scale_init, jnp.float32))
-    self.drop_path = L.DropPath(drop_path_rate)
-    self.temporal = TemporalAttention(d, heads, eps=eps, drop_path_rate=drop_path_rate, dtype=dtype,
-                                      rngs=rngs)
+    self.temporal = TemporalAttention(d, heads, eps=eps, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, *, grid: tuple[int, int], deterministic: bool, rngs: nnx.Rngs | None):
+  def __call__(self, x, *, grid: tuple[int, int], drop_path_rate, deterministic: bool,
+               rngs: nnx.Rngs | None):
     b, t, n, d = x.shape
     h = x.reshape(b * t, n, d)
     bias = self.relative_position_bias(grid)
@@ -326,15 +328,15 @@ class BeitLayer(nnx.Module):
     y = self.attention(y, y, bias=bias, deterministic=deterministic, rngs=rngs)
     y = self.attention_output(y)
     y = L.dropout(y, self.dropout_rate, deterministic=deterministic, rngs=rngs)
-    h = h + self.drop_path(self.lambda_1[...].astype(y.dtype) * y, deterministic=deterministic,
-                           rngs=rngs)
+    h = h + L.drop_path(self.lambda_1[...].astype(y.dtype) * y, drop_path_rate,
+                        deterministic=deterministic, rngs=rngs)
     y = self.ffn(self.layernorm_after(h))
     y = L.dropout(y, self.dropout_rate, deterministic=deterministic, rngs=rngs)
-    h = h + self.drop_path(self.lambda_2[...].astype(y.dtype) * y, deterministic=deterministic,
-                           rngs=rngs)
+    h = h + L.drop_path(self.lambda_2[...].astype(y.dtype) * y, drop_path_rate,
+                        deterministic=deterministic, rngs=rngs)
     x = h.reshape(b, t, n, d)
     if t > 1:
-      x = self.temporal(x, deterministic=deterministic, rngs=rngs)
+      x = self.temporal(x, drop_path_rate=drop_path_rate, deterministic=deterministic, rngs=rngs)
     return x
 
 
@@ -346,19 +348,21 @@ class VideoEncoder(nnx.Module):
       image_size, num_frames, drop_path_rate, layer_scale_init, layer_norm_eps,
       dropout_rate).
     dtype: compute dtype (parameters stay float32).
-    remat: rematerialise every layer (`nnx.remat`) to save activation memory.
+    remat: remat policy per layer (`layer_stack.REMAT_POLICIES`; booleans: 'full'/'none').
+    scan_layers: scan the layers (one compiled layer body) instead of unrolling them.
     attention_impl: passed to `layers.MultiHeadAttention`.
   """
 
-  def __init__(self, cfg_vision, *, dtype=None, remat: bool = False, attention_impl: str = "auto",
-               rngs: nnx.Rngs):
+  def __init__(self, cfg_vision, *, dtype=None, remat="none", scan_layers: bool = False,
+               attention_impl: str = "auto", rngs: nnx.Rngs):
     cfg = cfg_vision
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"vision.image_size={cfg.image_size} is not a multiple of "
                        f"patch_size={cfg.patch_size}")
     dtype = L.as_dtype(dtype)
     self.dtype = dtype
-    self.remat = bool(remat)
+    self.remat = layer_stack.normalize_remat(remat)
+    self.scan_layers = bool(scan_layers)
     # Plain numbers kept for importers' config checks (a ConfigDict is not a static attr).
     self.width, self.depth = int(cfg.width), int(cfg.depth)
     self.num_heads, self.mlp_dim = int(cfg.num_heads), int(cfg.mlp_dim)
@@ -368,11 +372,10 @@ class VideoEncoder(nnx.Module):
     self.grid = (cfg.image_size // cfg.patch_size,) * 2
     self.embeddings = VideoEmbeddings(cfg.width, cfg.patch_size, cfg.num_frames, cfg.dropout_rate,
                                       dtype=dtype, rngs=rngs)
-    rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth)
+    self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, cfg.drop_path_rate, cfg.depth))
     self.layers = nnx.List([
-        BeitLayer(cfg, grid=self.grid, drop_path_rate=float(r), dtype=dtype,
-                  attention_impl=attention_impl, rngs=rngs)
-        for r in rates])
+        BeitLayer(cfg, grid=self.grid, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+        for _ in range(cfg.depth)])
     self.pooler_norm = L.layer_norm(cfg.width, eps=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
@@ -388,13 +391,12 @@ class VideoEncoder(nnx.Module):
     grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
     hidden = self.embeddings(x, deterministic=deterministic, rngs=rngs)
 
-    def call_layer(layer, h, rngs):
-      return layer(h, grid=grid, deterministic=deterministic, rngs=rngs)
+    def call_layer(layer, h, rate, rngs):
+      return layer(h, grid=grid, drop_path_rate=rate, deterministic=deterministic, rngs=rngs)
 
-    if self.remat:
-      call_layer = nnx.remat(call_layer)
-    for layer in self.layers:
-      hidden = call_layer(layer, hidden, rngs)
+    hidden = layer_stack.apply_layers(
+        self.layers, call_layer, hidden, per_layer=(self.drop_path_rates,), rngs=rngs,
+        remat=self.remat, scan=self.scan_layers)
 
     patch_mean = hidden[:, :, 1:].astype(jnp.float32).mean(axis=2).astype(hidden.dtype)
     pooled = self.pooler_norm(patch_mean)
