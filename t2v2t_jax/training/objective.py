@@ -16,6 +16,20 @@ from flax import nnx
 from t2v2t_jax import losses
 
 
+def select_rows(x, index):
+  """`x[index]` along the leading axis, as a one-hot matrix product.
+
+  Why not the gather: its gradient is a scatter-add, and on an H200 the two scatters of
+  the VTM negatives took 17 ms of a 191 ms paper-size step (docs/benchmarks.md, the
+  kernel profile); the one-hot product's gradient is another small matrix product. The
+  result is exact: every output row is 1 x one input row plus zeros (HIGHEST precision, so
+  that float32 inputs are not rounded to bfloat16 on TPU).
+  """
+  onehot = jax.nn.one_hot(index, x.shape[0], dtype=x.dtype)
+  rows = jnp.dot(onehot, x.reshape(x.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
+  return rows.reshape(index.shape + x.shape[1:])
+
+
 def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, deterministic=False):
   """Returns (total_loss, metrics) for one batch.
 
@@ -47,9 +61,10 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
   if loss_weights["vtm"]:
     neg_video, neg_text = losses.sample_hard_negatives(jax.lax.stop_gradient(sim), temp, video_idx, k_neg)
     # Pairs in order: (v, t) positive, (v_neg, t) negative, (v, t_neg) negative.
-    fused_text = jnp.concatenate([text_hidden, text_hidden, text_hidden[neg_text]], axis=0)
+    fused_text = jnp.concatenate([text_hidden, text_hidden, select_rows(text_hidden, neg_text)], axis=0)
     fused_mask = jnp.concatenate([mask, mask, mask[neg_text]], axis=0)
-    fused_video = jnp.concatenate([video_tokens, video_tokens[neg_video], video_tokens], axis=0)
+    fused_video = jnp.concatenate([video_tokens, select_rows(video_tokens, neg_video), video_tokens],
+                                  axis=0)
     fused, _ = model.fuse(fused_text, fused_mask, fused_video, deterministic=deterministic, rngs=rngs)
     vtm, vtm_aux = losses.vtm_loss(model.itm_logits(fused))
     metrics["loss_vtm"] = vtm
