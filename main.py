@@ -4,6 +4,7 @@ r"""Train, evaluate or search with a recipe config.
   python main.py --config configs/didemo_ft.py --workdir runs/didemo --mode eval
   python main.py --config configs/msrvtt_ft.py:tiny --workdir /tmp/t --config.optimizer.lr=3e-5
   python main.py --config configs/msrvtt_ft.py --mode prepare --config.data_root=/data
+  python main.py --config configs/webvid_pretrain.py --mode compile --config.compile.topology=v5e:2x4
 
 Any config field can be overridden with --config.<field>=<value>; the config is locked,
 so a misspelt field fails at once and lists the valid ones.
@@ -21,19 +22,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file (c
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval",
-                          ["train", "eval", "train_and_eval", "search", "prepare"],
+                          ["train", "eval", "train_and_eval", "search", "prepare", "compile"],
                           "train: train only; eval: evaluate the latest checkpoint (or "
                           "--config.init_from); train_and_eval: train, then evaluate; search: "
                           "rank videos for --query; prepare: write the JPEG frame shards of "
                           "every train and eval corpus to data.prepared_dir (resumable; then "
-                          "train with --config.data.source=prepared).")
+                          "train with --config.data.source=prepared); compile: compile the "
+                          "recipe's programs for --config.compile.topology (a TPU slice, e.g. "
+                          "v5e:2x4; no TPU needed) and print per-chip HBM use, whether it fits "
+                          "and FLOPs (needs `pip install -e .[tpu]`).")
 _QUERY = flags.DEFINE_string("query", None, "Text query for --mode search.")
 _VIDEOS = flags.DEFINE_string("videos", None, "Folder of videos for --mode search (default: the "
                               "test split of the config's first eval corpus).")
 _TOP = flags.DEFINE_integer("top", 5, "Results shown by --mode search.")
 _EXPLAIN = flags.DEFINE_bool("explain", False, "--mode search: write a PNG per top result "
                              "showing how much each frame's T2V attention went to the text.")
-flags.mark_flags_as_required(["config"])  # and --workdir, except for --mode prepare
+flags.mark_flags_as_required(["config"])  # and --workdir, except for --mode prepare / compile
 
 
 def _load_recipe(spec: str):
@@ -85,6 +89,9 @@ def main(argv):
   from t2v2t_jax.training import run_setup  # noqa: PLC0415
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  if mode == "compile":
+    _compile(config)
+    return
   if mode != "prepare" and not workdir:
     raise app.UsageError(f"--workdir is required for --mode {mode}")
   logging.set_verbosity(logging.WARNING)
@@ -102,6 +109,22 @@ def main(argv):
   try:
     _run(config, workdir, mode)
   except FileNotFoundError as e:  # a missing checkpoint or video folder: no traceback needed
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(2)
+
+
+def _compile(config):
+  """--mode compile: no data, no workdir; every failure is one line that says what to do."""
+  from t2v2t_jax.models.config import validate_model_config  # noqa: PLC0415
+  from t2v2t_jax.training import compile_plan, tpu_topology  # noqa: PLC0415
+  if not config.compile.topology:
+    sys.stderr.write("FATAL: --mode compile needs --config.compile.topology, e.g. v5e:1x1 "
+                     "(Colab), v5e:2x4, v6e:2x4 or v4:2x2x1\n")
+    sys.exit(2)
+  try:
+    validate_model_config(config.model)
+    compile_plan.plan(config)
+  except (tpu_topology.TopologyError, ValueError) as e:
     sys.stderr.write(f"FATAL: {e}\n")
     sys.exit(2)
 

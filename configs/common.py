@@ -60,6 +60,14 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
 
   c.synthetic = ml_collections.ConfigDict(dict(create_if_missing=False))
 
+  # --mode compile: compile this recipe for a TPU topology on any host (no TPU needed) and
+  # report per-chip HBM use (t2v2t_jax/training/compile_plan.py).
+  c.compile = ml_collections.ConfigDict(dict(
+      topology="",            # e.g. 'v5e:1x1' (Colab), 'v5e:2x4', 'v6e:2x4', 'v4:2x2x1'
+      eval_programs=True,     # also the video/text encoders and the rerank scorer
+      find_max_batch=False,   # also search the largest per-device train batch that fits
+      json_out=""))           # append the results as one JSON line to this file
+
   c.eval = ml_collections.ConfigDict()
   c.eval.corpora_enabled = True        # evaluate config.data.eval_corpora
   c.eval.num_frames = 4                # inference frames: explicit, printed with the results

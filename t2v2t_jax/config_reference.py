@@ -48,6 +48,13 @@ DESCRIPTIONS = {
     "init_from": "Parameters to start from when the workdir has no checkpoint: a run's workdir or checkpoint folder, or a VindLU `.pth` (converted on the fly). The optimizer starts fresh.",
     "start_over": "A workdir that holds an earlier training run (training steps logged in `metrics.jsonl`, or damaged checkpoints set aside) but no usable checkpoint is refused, so that a new run neither mixes its metrics with the old ones nor silently drops the old progress; True starts from scratch there instead, after moving the earlier run's logs to `workdir/previous_runs/<n>/`.",
     "keep_checkpoints": "How many of the latest checkpoints are kept in `workdir/checkpoints` (at least 1: Orbax would otherwise delete every one, the final one included). A damaged latest step is set aside in `workdir/checkpoints_damaged/` and the run resumes from the one before, so keeping 2 or more is what makes that possible.",
+    # --mode compile (t2v2t_jax/training/compile_plan.py).
+    "compile.topology": "TPU slice that `--mode compile` compiles the recipe for, on any host without a TPU (needs `pip install -e \".[tpu]\"`): `v5e:1x1` (Colab), `v5e:2x4`, `v6e:2x4`, `v4:2x2x1`, ... Multi-host slices (e.g. `v5e:4x4`) compile from one process.",
+    "compile.eval_programs": "`--mode compile` also compiles the evaluation programs: the video and text encoders at the eval batch and frames, and the rerank scorer at its pair batch.",
+    "compile.find_max_batch": "`--mode compile` also searches the largest per-device training batch whose step fits the chip's HBM (a few more compiles: memory is close to linear in the batch).",
+    "compile.json_out": "`--mode compile` appends its results (per program: bytes per device, FLOPs, compile time; the largest batch) as one JSON line to this file.",
+    "model.remat": "Per-layer rematerialisation policy: 'none' keeps every activation, 'full' recomputes each layer in the backward pass (least memory), 'save_dots' keeps the dense projections' outputs and recomputes the rest. True / False are read as 'full' / 'none'.",
+    "model.scan_layers": "Scan each stack of identical layers (one compiled layer body; parameters stay stored per layer): 'auto' scans on TPU and CPU and unrolls on GPU, where the scanned step measured 24% slower (docs/benchmarks.md); 'on' / 'off' force it.",
     # Model.
     "model.vision.variant": "Size name of the video encoder, `<size>/<patch>` (`B/16`, `S/16`, `Ti/16`, `test/16`); sets width, depth, heads, MLP and patch below.",
     "model.vision.width": "Hidden width of the video encoder (from the variant).",

@@ -1,0 +1,340 @@
+"""Fit planner: compile a recipe's programs for a TPU topology and report its HBM use.
+
+  python main.py --config configs/webvid_pretrain.py --mode compile --config.compile.topology=v5e:2x4
+
+Runs on any host, without a TPU (libtpu compiles ahead of time; `tpu_topology.py`). It
+builds exactly what training builds (the mesh from `config.mesh` over the topology's
+chips, the state's shardings, `train_state.make_train_step` + `jit_train_step`) and the
+evaluation programs (`RetrievalEvaluator`'s video and text encoders at the recipe's
+inference frames and batches, and its rerank scorer at its pair batch), compiles each
+and prints one table: per device, parameters, optimizer state, temporaries and total HBM
+against the chip's capacity, whether it fits, FLOPs per step and compile time.
+`config.compile.find_max_batch` also finds the largest per-device training batch that
+fits: memory is close to linear in the batch, so two compiles give the line and a third
+confirms the prediction.
+
+These figures are compiled, not run: they are XLA's own accounting of the program for
+that chip, which is what decides whether a run fits, but no step time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from t2v2t_jax.models import layer_stack
+from t2v2t_jax.training import optimizer as optimizer_lib
+from t2v2t_jax.training import sharding as sharding_lib
+from t2v2t_jax.training import tpu_topology
+from t2v2t_jax.training import train_state as state_lib
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass
+class ProgramReport:
+  """One compiled program's per-device memory (bytes) and cost.
+
+  `compiled` is False when the TPU compiler refused the program for lack of HBM; its
+  `total_bytes` is then what the compiler said the program needs (temporaries) plus the
+  state's share, and `fits` is False.
+  """
+  name: str
+  batch_per_device: int
+  params_bytes: int
+  opt_state_bytes: int
+  temp_bytes: int
+  total_bytes: int
+  flops_per_device: float | None
+  compile_s: float
+  compiled: bool = True
+
+  def fits(self, capacity: int | None) -> bool | None:
+    if not self.compiled:
+      return False
+    return None if capacity is None else self.total_bytes <= capacity
+
+
+def _shard_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (abstract leaves) under `shardings`."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shape = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+# libtpu: "the total memory required for HLO temporaries (18.26G) exceeds available HBM (15.75G)"
+_TEMPS_OVER = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available "
+                         r"HBM \(([0-9.]+)([KMGT]?)\)")
+# libtpu, other form: "Used 20.50G of 15.75G hbm"
+_USED_OF = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
+
+
+def parse_out_of_memory(message: str) -> tuple[int, int] | None:
+  """(bytes needed, bytes available) from a TPU compiler out-of-HBM error, else None."""
+  for pattern in (_TEMPS_OVER, _USED_OF):
+    m = pattern.search(message)
+    if m:
+      need = float(m.group(1)) * _UNITS[m.group(2)]
+      have = float(m.group(3)) * _UNITS[m.group(4)]
+      return int(need), int(have)
+  return None
+
+
+class OutOfMemory(Exception):
+  def __init__(self, needed: int, available: int):
+    super().__init__(f"needs {needed / GIB:.2f} GiB of {available / GIB:.2f} GiB")
+    self.needed, self.available = needed, available
+
+
+def _compile(lowered):
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    parsed = parse_out_of_memory(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
+    if parsed is None:
+      raise
+    raise OutOfMemory(*parsed) from e
+
+
+def _compiled_report(name, batch, lowered, params_bytes, opt_bytes, t0) -> ProgramReport:
+  try:
+    compiled = _compile(lowered)
+  except OutOfMemory as oom:
+    # The compiler's figure counts temporaries only; the state's share comes on top.
+    return ProgramReport(name, batch, params_bytes, opt_bytes, oom.needed,
+                         oom.needed + params_bytes + opt_bytes, None,
+                         time.perf_counter() - t0, compiled=False)
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost["flops"]) if cost and "flops" in cost else None
+  return ProgramReport(name, batch, params_bytes, opt_bytes, int(mem.temp_size_in_bytes),
+                       int(total), flops, compile_s)
+
+
+def special_ids(vocab_size: int) -> dict:
+  """BERT-uncased special tokens ([PAD] 0, [CLS] 101, [MASK] 103); constants of the step,
+  so a compile needs no tokenizer file."""
+  if vocab_size > 103:
+    return {"cls": 101, "pad": 0, "mask": 103, "vocab_size": vocab_size}
+  return {"cls": 1, "pad": 0, "mask": 2, "vocab_size": vocab_size}
+
+
+class Planner:
+  """Compiles one recipe's programs on a mesh over `devices`."""
+
+  def __init__(self, config, devices):
+    self.config = config
+    self.devices = devices
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices=devices)
+    self.capacity = tpu_topology.hbm_bytes(devices[0])
+    self.tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=1000)
+    self.abstract = state_lib.abstract_state(config.model, self.tx, config.seed)
+    self.shardings = state_lib.state_shardings(self.abstract, self.mesh, config.mesh.fsdp_min_size)
+    self.graphdef = state_lib.model_graphdef(config.model)
+    self.params_bytes = _shard_bytes(self.abstract["params"], self.shardings["params"])
+    self.opt_bytes = _shard_bytes(self.abstract["opt_state"], self.shardings["opt_state"])
+
+  # -- training ---------------------------------------------------------------------------
+  def train_step(self, batch_per_device: int) -> ProgramReport:
+    c = self.config
+    step = state_lib.jit_train_step(
+        state_lib.make_train_step(
+            self.graphdef, self.tx, loss_weights=c.loss_weights,
+            special_ids=special_ids(c.model.text.vocab_size),
+            temp_bounds=(c.model.temp_min, c.model.temp_max)),
+        self.shardings, self.mesh)
+    b = batch_per_device * self.mesh.size
+    size = c.model.vision.image_size
+    batch_sh = sharding_lib.batch_sharding(self.mesh)
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+    batch = {"frames": sds((b, c.num_frames, size, size, 3), jnp.uint8),
+             "input_ids": sds((b, c.data.max_len), jnp.int32),
+             "attention_mask": sds((b, c.data.max_len), jnp.int32),
+             "video_idx": sds((b,), jnp.int32)}
+    t0 = time.perf_counter()
+    lowered = step.lower(_with_shardings(self.abstract, self.shardings), batch)
+    return _compiled_report(f"train step ({c.num_frames} frames)", batch_per_device, lowered,
+                            self.params_bytes, self.opt_bytes, t0)
+
+  # -- evaluation -------------------------------------------------------------------------
+  def eval_programs(self) -> list[ProgramReport]:
+    from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator  # noqa: PLC0415
+    c, n = self.config, self.mesh.size
+    evaluator = RetrievalEvaluator(self.graphdef, self.mesh, k=c.eval.k,
+                                   rerank_batch_size=c.eval.rerank_batch_size,
+                                   text_batch_size=c.eval.text_batch_size, progress=False)
+    params = _with_shardings(self.abstract["params"], self.shardings["params"])
+    batch_sh = sharding_lib.batch_sharding(self.mesh)
+    rep = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    sds = lambda shape, dtype, sh=batch_sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    size, frames = c.model.vision.image_size, c.eval.num_frames
+    tokens_per_frame = 1 + (size // c.model.vision.patch_size) ** 2
+    width, dtype = c.model.text.width, jnp.dtype(c.model.dtype)
+    video_batch = max(n, (c.eval.video_batch_size // n) * n)
+    pairs = evaluator.rerank_batch_size
+    # The scorer's largest shape: the distinct videos of a batch, padded to a power of two.
+    videos = 2 ** math.ceil(math.log2(evaluator.videos_per_batch))
+    programs = [
+        (f"video encoder ({frames} frames)", video_batch // n, evaluator._encode_video,
+         (params, sds((video_batch, frames, size, size, 3), jnp.uint8))),
+        ("text encoder", evaluator.text_batch_size // n, evaluator._encode_text,
+         (params, sds((evaluator.text_batch_size, c.data.max_len), jnp.int32),
+          sds((evaluator.text_batch_size, c.data.max_len), jnp.int32))),
+        (f"rerank scorer ({pairs} pairs, {videos} videos)", pairs // n, evaluator._score_pairs,
+         (params, sds((pairs, c.data.max_len, width), dtype),
+          sds((pairs, c.data.max_len), jnp.int32),
+          sds((videos, frames, tokens_per_frame, c.model.vision.width), jnp.float16, rep),
+          sds((pairs,), jnp.int32))),
+    ]
+    reports = []
+    for name, per_device, fn, args in programs:
+      t0 = time.perf_counter()
+      lowered = fn.lower(*args)
+      reports.append(_compiled_report(name, per_device, lowered, self.params_bytes, 0, t0))
+    return reports
+
+  # -- the largest batch that fits ----------------------------------------------------------
+  def find_max_batch(self, known: dict[int, ProgramReport], *, log=print,
+                     max_compiles: int = 6, max_batch: int = 1024) -> int | None:
+    """Largest per-device training batch whose step fits the chip (None: not even 1).
+
+    Memory is close to linear in the batch: each new compile is placed where the line
+    through the two nearest measured batches crosses the capacity, inside the bracket of
+    the largest batch known to fit and the smallest known not to (a refused compile still
+    measures: the compiler says how much it needed), at most `max_compiles` more compiles
+    and no batch above `max_batch`. `known` (reports by per-device batch) is extended.
+    """
+    if self.capacity is None:
+      raise tpu_topology.TopologyError(
+          f"HBM capacity of {self.devices[0].device_kind!r} is unknown: cannot search a batch")
+    cap = self.capacity
+
+    def at(b):
+      if b not in known:
+        log(f"  compiling the train step at {b} per device ...")
+        known[b] = self.train_step(b)
+        r = known[b]
+        log(f"  {b} per device: {r.total_bytes / GIB:.2f} GiB, "
+            f"{'fits' if r.fits(cap) else 'does not fit'} ({r.compile_s:.0f} s)")
+      return known[b]
+
+    b0 = min(known) if known else 8
+    at(b0)
+    at(b0 * 2 if known[b0].fits(cap) else max(1, b0 // 2))
+    for _ in range(max_compiles):
+      fit = [b for b, r in known.items() if r.fits(cap)]
+      over = [b for b, r in known.items() if not r.fits(cap)]
+      lo, hi = max(fit, default=0), min(over, default=None)
+      if hi is not None and hi - lo <= 1:
+        break
+      # The line through the two measured batches nearest the bracket.
+      pts = sorted(known, key=lambda b: (abs(b - lo) if hi is None else min(abs(b - lo), abs(b - hi))))[:2]
+      (b1, m1), (b2, m2) = sorted((b, known[b].total_bytes) for b in pts)
+      slope = (m2 - m1) / (b2 - b1) if b2 != b1 else 0
+      guess = int((cap - (m1 - slope * b1)) // slope) if slope > 0 else 2 * max(lo, 1)
+      # Without an upper bracket, grow at most 4x per compile: a prediction far outside
+      # the measured range can be wildly off and costly to compile (host memory and time).
+      upper = hi - 1 if hi is not None else min(max(guess, lo + 1), 4 * max(known), max_batch)
+      if lo >= max_batch:
+        break
+      guess = min(max(guess, lo + 1), upper)
+      if guess in known:
+        guess = (lo + (hi if hi is not None else 2 * guess)) // 2
+        if guess in known or guess <= lo:
+          break
+      at(guess)
+    return max((b for b, r in known.items() if r.fits(cap)), default=None)
+
+
+def format_table(reports: list[ProgramReport], capacity: int | None) -> str:
+  cap = "unknown" if capacity is None else f"{capacity / GIB:.1f}"
+  head = (f"{'program':<40} {'batch/dev':>9} {'params':>7} {'opt st':>7} {'temps':>7} "
+          f"{'total':>7} {'fits ' + cap + ' GiB':>15} {'TFLOP/dev':>10} {'compile s':>9}")
+  lines = [head, "-" * len(head)]
+  for r in reports:
+    fits = r.fits(capacity)
+    flops = "-" if r.flops_per_device is None else f"{r.flops_per_device / 1e12:.2f}"
+    lines.append(
+        f"{r.name:<40} {r.batch_per_device:>9} {r.params_bytes / GIB:>7.2f} "
+        f"{r.opt_state_bytes / GIB:>7.2f} {r.temp_bytes / GIB:>7.2f} {r.total_bytes / GIB:>7.2f} "
+        f"{'-' if fits is None else ('yes' if fits else 'NO'):>15} {flops:>10} {r.compile_s:>9.0f}")
+  lines.append("(GiB per device; params and opt st are the state's share, temps XLA's "
+               "temporaries; total = arguments + outputs - aliased + temporaries + code)")
+  return "\n".join(lines)
+
+
+def plan(config, *, log=print) -> dict:
+  """Compiles the recipe for `config.compile.topology`; prints and returns the results."""
+  c = config
+  devices = tpu_topology.topology_devices(c.compile.topology)
+  n = len(devices)
+  if c.batch_size % n:
+    raise ValueError(f"batch_size={c.batch_size} does not divide over the {n} chips of "
+                     f"{c.compile.topology}: set --config.batch_size to a multiple of {n}")
+  # 'auto' layer scanning is decided for the target chip, not for this host.
+  c.model.scan_layers = "on" if layer_stack.resolve_scan(c.model.get("scan_layers", "auto"),
+                                                         "tpu") else "off"
+  planner = Planner(c, devices)
+  hosts = len({d.process_index for d in devices})
+  capacity = planner.capacity
+  log(f"Compiling for {c.compile.topology}: {n} x {devices[0].device_kind} on {hosts} "
+      f"host(s), mesh {dict(planner.mesh.shape)}, "
+      f"{'unknown' if capacity is None else f'{capacity / GIB:.0f} GiB'} HBM per chip; "
+      f"model {c.model.vision.variant} + {c.model.text.variant}, {c.model.fusion.mode}, "
+      f"{c.model.dtype}, remat {c.model.remat}, scan_layers {c.model.scan_layers}")
+  per_device = c.batch_size // n
+  log(f"  compiling the train step at {per_device} per device (global batch {c.batch_size}) ...")
+  train = planner.train_step(per_device)
+  known = {per_device: train}
+  reports = [train]
+  if c.compile.eval_programs:
+    log("  compiling the evaluation programs ...")
+    reports += planner.eval_programs()
+  max_batch = None
+  if c.compile.find_max_batch:
+    log("  searching the largest per-device batch that fits ...")
+    max_batch = planner.find_max_batch(known, log=log)
+    if max_batch is not None and max_batch != per_device:
+      reports.append(known[max_batch])
+      reports[-1].name = f"train step, largest batch that fits"
+  log(format_table(reports, capacity))
+  if c.compile.find_max_batch:
+    if max_batch is None:
+      log("Largest per-device batch that fits: none (even 1 clip per chip does not fit)")
+    else:
+      log(f"Largest per-device batch that fits: {max_batch} (global {max_batch * n})")
+  if capacity is not None and not train.fits(capacity):
+    log(f"The recipe's step does not fit: lower the per-device batch and restore the global "
+        f"batch with --config.optimizer.grad_accum_steps (see find_max_batch).")
+  result = {"topology": c.compile.topology, "chips": n, "hosts": hosts,
+            "device_kind": devices[0].device_kind, "hbm_bytes": capacity,
+            "batch_size": c.batch_size, "num_frames": c.num_frames,
+            "mode": c.model.fusion.mode, "dtype": c.model.dtype, "remat": c.model.remat,
+            "scan_layers": c.model.scan_layers, "mesh": dict(planner.mesh.shape),
+            "programs": [dataclasses.asdict(r) for r in reports],
+            "max_batch_per_device": max_batch, "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+  if c.compile.get("json_out"):
+    with open(c.compile.json_out, "a") as f:
+      f.write(json.dumps(result) + "\n")
+  return result

@@ -1,0 +1,81 @@
+"""TPU devices for ahead-of-time compilation on a host without a TPU.
+
+libtpu (PyPI, `pip install -e ".[tpu]"`) compiles for any TPU topology without the chips
+("deviceless" AOT, as MaxText's `train_compile.py`): `get_topology_desc` gives device
+objects with real coordinates that a mesh can be built on, and `jit(...).lower(...)
+.compile()` then yields the program's exact per-device HBM use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import jax
+
+# HBM per chip in GiB (vendor figures), by `device_kind` as libtpu names it.
+HBM_GIB = {
+    "TPU v4": 32.0,
+    "TPU v5 lite": 16.0,   # v5e
+    "TPU v5": 95.0,        # v5p
+    "TPU v5p": 95.0,
+    "TPU v6 lite": 32.0,   # v6e (Trillium)
+    "TPU v6e": 32.0,
+}
+
+_NAME = re.compile(r"^(v[0-9][a-z]*):([0-9]+(?:x[0-9]+){1,2})$")
+
+
+class TopologyError(ValueError):
+  """A topology that cannot be compiled for; the message says what to do."""
+
+
+def check_libtpu() -> None:
+  if importlib.util.find_spec("libtpu") is None:
+    raise TopologyError(
+        f"compiling for a TPU topology needs libtpu, which is not installed: run "
+        f"`pip install -e \".[tpu]\"` (or `pip install \"jax[tpu]=={jax.__version__}\"`)")
+
+
+def topology_devices(name: str) -> list:
+  """The devices of TPU topology `name` (e.g. 'v5e:1x1', 'v5e:2x4', 'v4:2x2x1').
+
+  Multi-host topologies (e.g. 'v5e:4x4': 16 chips on 4 hosts) give every host's devices,
+  so one process compiles the global program.
+  """
+  check_libtpu()
+  # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) so that one process owns
+  # the chips; compiling ahead of time uses no chip, so two compiles (two test workers, or
+  # a plan made while a run trains on the TPU) must not exclude each other. Read when
+  # libtpu loads, i.e. before the first TPU compile of this process.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # noqa: PLC0415 (needs libtpu only here)
+  match = _NAME.match(name or "")
+  if not match:
+    raise TopologyError(
+        f"unknown TPU topology {name!r}: expected '<generation>:<chips>' such as 'v5e:1x1', "
+        f"'v5e:2x4', 'v6e:2x4' or 'v4:2x2x1'")
+  dims = [int(d) for d in match.group(2).split("x")]
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+  except Exception as first:  # noqa: BLE001 (libtpu raises JaxRuntimeError subclasses)
+    # Slices smaller than one host (e.g. Colab's single v5e chip, 'v5e:1x1') need the
+    # host bounds given explicitly: libtpu's default is a 2x2x1 host.
+    if "chips_per_host_bounds" not in str(first):
+      raise TopologyError(f"libtpu does not know TPU topology {name!r}: {_first_line(first)}") from first
+    bounds = tuple(dims + [1] * (3 - len(dims)))
+    try:
+      return list(topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                               chips_per_host_bounds=bounds).devices)
+    except Exception as e:  # noqa: BLE001
+      raise TopologyError(f"libtpu does not know TPU topology {name!r}: {_first_line(e)}") from e
+
+
+def hbm_bytes(device) -> int | None:
+  gib = HBM_GIB.get(device.device_kind)
+  return None if gib is None else int(gib * 2 ** 30)
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,134 @@
+"""The TPU fit planner (`--mode compile`): compiles the tiny recipe for real TPU
+topologies with libtpu on this CPU host, and the batch search against a known line."""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from configs import webvid_pretrain
+from t2v2t_jax.training import compile_plan, tpu_topology
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]'); CI installs it")
+GIB = 2 ** 30
+
+
+def tiny_config(topology):
+  c = webvid_pretrain.get_config("tiny")
+  c.compile.topology = topology
+  return c
+
+
+@needs_libtpu
+def test_tiny_recipe_compiles_for_one_v5e_chip():
+  config = tiny_config("v5e:1x1")
+  lines = []
+  result = compile_plan.plan(config, log=lines.append)
+  text = "\n".join(lines)
+  assert result["chips"] == 1 and result["device_kind"] == "TPU v5 lite"
+  assert result["hbm_bytes"] == 16 * GIB
+  names = [p["name"] for p in result["programs"]]
+  assert names[0].startswith("train step") and any("rerank scorer" in n for n in names)
+  assert any("video encoder" in n for n in names) and any("text encoder" in n for n in names)
+  train = result["programs"][0]
+  assert train["compiled"] and train["batch_per_device"] == config.batch_size
+  assert 0 < train["params_bytes"] < train["total_bytes"] < GIB
+  # Adam keeps two moments per parameter (float32), plus a step count.
+  assert 2 * train["params_bytes"] <= train["opt_state_bytes"] < 2 * train["params_bytes"] + 1024
+  assert train["flops_per_device"] > 0
+  for column in ("params", "opt st", "temps", "total", "fits 16.0 GiB", "TFLOP/dev", "compile s"):
+    assert column in text
+  assert "yes" in text and "NO" not in text
+
+
+@needs_libtpu
+def test_four_chips_with_fsdp_shard_the_state():
+  config = tiny_config("v5e:2x2")
+  config.mesh.fsdp = 2
+  config.mesh.fsdp_min_size = 1   # the tiny model's matrices are small: shard them all
+  config.compile.eval_programs = False
+  devices = tpu_topology.topology_devices("v5e:2x2")
+  assert len(devices) == 4
+  replicated = tiny_config("v5e:2x2")
+  full = compile_plan.Planner(replicated, devices).params_bytes
+  planner = compile_plan.Planner(config, devices)
+  assert dict(planner.mesh.shape) == {"data": 2, "fsdp": 2}
+  # Every matrix is split in two; only vectors whose length is odd stay whole.
+  assert full / 2 <= planner.params_bytes < 0.6 * full
+  report = planner.train_step(config.batch_size // 4)
+  assert report.compiled and report.fits(planner.capacity)
+
+
+@needs_libtpu
+def test_errors_are_one_line_and_say_what_to_do():
+  with pytest.raises(tpu_topology.TopologyError, match="unknown TPU topology 'v5e-8'"):
+    tpu_topology.topology_devices("v5e-8")
+  config = tiny_config("v5e:2x2")
+  config.batch_size = 6
+  with pytest.raises(ValueError, match="batch_size=6 does not divide over the 4 chips"):
+    compile_plan.plan(config, log=lambda s: None)
+
+
+def test_missing_libtpu_names_the_install_command(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  with pytest.raises(tpu_topology.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
+    tpu_topology.topology_devices("v5e:1x1")
+
+
+def test_main_compile_mode_without_topology_fails_at_once():
+  out = subprocess.run([sys.executable, "main.py", "--config", "configs/webvid_pretrain.py:tiny",
+                        "--mode", "compile"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert "--mode compile needs --config.compile.topology" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_out_of_memory_messages_are_parsed():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (18.26G) exceeds available HBM (15.75G).")
+  need, have = compile_plan.parse_out_of_memory(msg)
+  assert need == int(18.26 * GIB) and have == int(15.75 * GIB)
+  need, have = compile_plan.parse_out_of_memory("Used 20.50G of 15.75G hbm. Exceeded by 4.75G")
+  assert need == int(20.5 * GIB) and have == int(15.75 * GIB)
+  assert compile_plan.parse_out_of_memory("INTERNAL: something else") is None
+
+
+class LinearPlanner(compile_plan.Planner):
+  """A planner whose 'compiles' follow a known memory line (no XLA), counting compiles."""
+
+  def __init__(self, fixed, per_sample, capacity, refuse_above=None):
+    self.fixed, self.per_sample, self.capacity = fixed, per_sample, capacity
+    self.refuse_above = refuse_above
+    self.compiled = []
+
+  def train_step(self, b):
+    self.compiled.append(b)
+    total = self.fixed + self.per_sample * b
+    refused = self.refuse_above is not None and total > self.refuse_above
+    return compile_plan.ProgramReport("train", b, 0, 0, total, total, 1.0, 0.0,
+                                      compiled=not refused)
+
+
+@pytest.mark.parametrize("fixed, per_sample, start", [
+    (3.0, 0.2, 64),    # the recipe's batch does not fit: search down
+    (3.0, 0.2, 8),     # it fits: search up
+    (1.0, 0.01, 4),    # far more fits than the start: growth is bounded per compile
+])
+def test_batch_search_finds_the_largest_fitting_batch(fixed, per_sample, start):
+  cap = 16 * GIB
+  p = LinearPlanner(fixed * GIB, per_sample * GIB, cap, refuse_above=15.75 * GIB)
+  best = p.find_max_batch({start: p.train_step(start)}, log=lambda s: None, max_compiles=12)
+  # The largest b with fixed + per_sample * b <= 15.75 GiB (the compiler's refusal limit).
+  expected = min(1024, int((15.75 - fixed) / per_sample + 1e-9))
+  assert best == expected
+  assert len(p.compiled) <= 14
+
+
+def test_batch_search_reports_none_when_nothing_fits():
+  p = LinearPlanner(20 * GIB, 0.1 * GIB, 16 * GIB)
+  assert p.find_max_batch({4: p.train_step(4)}, log=lambda s: None) is None
