@@ -24,10 +24,11 @@
 # parameters drawn on the host (`--init synthetic`), VTC + VTM + MLM unless noted):
 #   1 smoke: tiny train step with the real initialisers (finite loss asserted) and a tiny
 #     t2v2t rerank step, on the device
-#   2 train t2v2t, 4 frames, batch 32/device, no remat       (the MFU figure)
+#   2 train t2v2t, 4 frames, batch 32/device, no remat       (the MFU figure; kernel profile)
 #   3 fine-tune t2v2t, 12 frames, no MLM, batch 32, remat     (does it fit in 80 GB?)
 #   4 rerank, MSR-VTT shape (12 frames, 32 tokens), t2v2t and v2t, 128 pairs a call
 #   5 train v2t, batch 32, no remat                           (VindLU's model)
+#  5b train t2v2t, batch 32, attention_impl=cudnn             (fused attention kernels)
 #   6 train t2v2t b32 remat; 7 b64 remat; 8 b64 no remat; 9 v2t b32 remat
 #  10 rerank MSR-VTT shape t2v2t_naive and joint; ActivityNet shape (32 frames, 64
 #     tokens) t2v2t and v2t
@@ -137,14 +138,20 @@ ER=benchmarks/eval_rerank.py
 run smoke_train "$T_SMOKE" $TS --preset test --mode t2v2t --init real --steps 2 --warmup 2
 run smoke_rerank "$T_SMOKE" $ER --preset test --modes t2v2t --rerank-batch 8 --steps 2 --host-batches 1
 
-# 2. The MFU figure: paper-size pretraining step, the paper's model.
-run train_t2v2t_b32 "$T_FIRST" $TS $P --mode t2v2t $B32 $STEPS
+# 2. The MFU figure: paper-size pretraining step, the paper's model, with a kernel
+#    profile of 3 more steps (where the device time goes: benchmarks/kernel_profile.py).
+run train_t2v2t_b32 "$T_FIRST" $TS $P --mode t2v2t $B32 $STEPS --profile 3
 # 3. Does the 12-frame fine-tuning step fit at 32 clips per device (with remat)?
 run ft12_t2v2t_b32_remat "$T_TRAIN" $TS $P12 --mode t2v2t --no-mlm --remat $B32 $STEPS
 # 4. Rerank throughput, MSR-VTT shape (12 frames): the paper's mode and VindLU's.
 run rerank_msrvtt "$T_EVAL" $ER $RR --datasets msrvtt --modes t2v2t,v2t
 # 5. VindLU's model.
 run train_v2t_b32 "$T_TRAIN" $TS $P --mode v2t $B32 $STEPS
+# 5b. cuDNN's fused attention where the model allows it (the video layers; the text and
+#     fusion layers keep the explicit path while attention dropout is active).
+if [ "$BENCH_SIZE" != "test" ]; then  # cuDNN exists on GPUs only
+  run train_t2v2t_b32_cudnn "$T_TRAIN" $TS $P --mode t2v2t $B32 $STEPS --attention-impl cudnn
+fi
 # 6-9. Remat and batch 64.
 run train_t2v2t_b32_remat "$T_TRAIN" $TS $P --mode t2v2t $B32 --remat $STEPS
 run train_t2v2t_b64_remat "$T_TRAIN" $TS $P --mode t2v2t $B64 --remat $STEPS
