@@ -8,6 +8,9 @@ Conventions used by every module in `t2v2t_jax.models`:
 - Attention output projections are not part of `MultiHeadAttention`: BERT and BEiT keep
   them in an `output` sub-module with their own LayerNorm, and so do we, so that weight
   import maps one source module to one of ours.
+- Dense layers, LayerNorm, GELU and the biased attention of the video layers take the
+  forms of `cpu_ops` when JAX's backend is the CPU (same mathematics, a faster train step
+  on XLA:CPU) and their portable forms (flax, `jax.nn`) on GPU and TPU.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from t2v2t_jax.models import cpu_ops
 
 DEFAULT_INIT = jax.nn.initializers.normal(stddev=0.02)  # BERT/BEiT/VindLU initialiser for new weights
 
@@ -25,17 +30,60 @@ def as_dtype(name: str | jnp.dtype | None) -> jnp.dtype | None:
   return jnp.dtype(name)
 
 
+class Linear(nnx.Linear):
+  """nnx.Linear (same parameters, same paths) whose product is `cpu_ops.dense` on a CPU."""
+
+  def __call__(self, inputs, out_sharding=None):
+    def portable(x):
+      return super(Linear, self).__call__(x, out_sharding=out_sharding)
+
+    def cpu(x):
+      kernel = self.kernel[...]
+      bias = self.bias[...] if self.bias is not None else None
+      dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+      return cpu_ops.dense_nd(x.astype(dtype), kernel.astype(dtype),
+                              None if bias is None else bias.astype(dtype))
+
+    if out_sharding is not None:
+      return portable(inputs)
+    return cpu_ops.per_backend(inputs, cpu=cpu, default=portable)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """nnx.LayerNorm (same parameters, same paths) computed by `cpu_ops.layer_norm` on a CPU."""
+
+  def __call__(self, x, *, mask=None):
+    def portable(x):
+      return super(LayerNorm, self).__call__(x, mask=mask)
+
+    def cpu(x):
+      # Statistics in float32 whatever the compute dtype, as flax computes them.
+      y = cpu_ops.layer_norm(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
+                             self.bias[...].astype(jnp.float32), self.epsilon)
+      return y.astype(self.dtype or jnp.result_type(x.dtype, self.scale[...].dtype))
+
+    if mask is not None:
+      return portable(x)
+    return cpu_ops.per_backend(x, cpu=cpu, default=portable)
+
+
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True,
-           dtype=None, kernel_init=DEFAULT_INIT) -> nnx.Linear:
-  """nnx.Linear with the project's initialiser (normal 0.02, zero bias) and float32 params."""
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                    param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
+           dtype=None, kernel_init=DEFAULT_INIT) -> Linear:
+  """Linear with the project's initialiser (normal 0.02, zero bias) and float32 params."""
+  return Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
 
 
-def layer_norm(features: int, *, eps: float, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+def layer_norm(features: int, *, eps: float, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
   # use_fast_variance=False: E[(x-mean)^2] as PyTorch computes it, for 1e-4 parity.
-  return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                       use_fast_variance=False, rngs=rngs)
+  return LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                   use_fast_variance=False, rngs=rngs)
+
+
+def gelu(x):
+  """Exact GELU (BERT, BEiT): `cpu_ops.gelu` on a CPU, `jax.nn.gelu` elsewhere."""
+  return cpu_ops.per_backend(x, cpu=cpu_ops.gelu,
+                             default=lambda x: jax.nn.gelu(x, approximate=False))
 
 
 def drop_path(x, rate, *, deterministic: bool, rngs: nnx.Rngs | None):
@@ -123,7 +171,16 @@ class MultiHeadAttention(nnx.Module):
       impl = None if self.attention_impl == "auto" else self.attention_impl
       if bias is not None:
         bias = bias.astype(q.dtype)
-      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=impl)
+
+      def portable(q, k, v, bias):
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=impl)
+
+      if bias is not None and bias.shape[0] == 1 and mask is None and impl is None:
+        # BEiT's relative position bias, shared by every frame.
+        ctx = cpu_ops.per_backend(q, k, v, bias, cpu=cpu_ops.attention_shared_bias,
+                                  default=portable)
+      else:
+        ctx = portable(q, k, v, bias)
       return ctx.reshape(b, lq, self.num_heads * self.head_dim)
 
     # Explicit path: softmax in float32, attention-probability dropout, optional weights.
@@ -149,4 +206,4 @@ class FeedForward(nnx.Module):
     self.output = linear(hidden, features, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
+    return self.output(gelu(self.intermediate(x)))

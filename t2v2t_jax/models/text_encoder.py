@@ -163,7 +163,7 @@ class MlmHead(nnx.Module):
 
   def __call__(self, hidden, word_embeddings):
     """hidden [B, L, D], word_embeddings [V, D] (the tied decoder) -> logits [B, L, V]."""
-    h = self.layer_norm(jax.nn.gelu(self.dense(hidden), approximate=False))
+    h = self.layer_norm(L.gelu(self.dense(hidden)))
     dtype = self.dtype or h.dtype
     logits = jnp.einsum("bld,vd->blv", h.astype(dtype), word_embeddings.astype(dtype))
     return logits + self.bias[...].astype(dtype)
