@@ -12,7 +12,6 @@ so a misspelt field fails at once and lists the valid ones.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 from absl import app, flags, logging
@@ -40,15 +39,6 @@ _EXPLAIN = flags.DEFINE_bool("explain", False, "--mode search: write a PNG per t
 flags.mark_flags_as_required(["config"])  # and --workdir, except for --mode prepare / compile
 
 
-def _load_recipe(spec: str):
-  """configs/x.py[:arg] -> the ConfigDict its get_config(arg) builds."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_recipe", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def _unknown_override(argv) -> str | None:
   """A readable message for the first --config.<path> that names no field, else None."""
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -56,7 +46,8 @@ def _unknown_override(argv) -> str | None:
     spec = argv[argv.index("--config") + 1]
   if spec is None:
     return None
-  config = _load_recipe(spec)
+  from t2v2t_jax.recipes import load_recipe  # noqa: PLC0415 (no JAX before the flags parse)
+  config = load_recipe(spec)
   for arg in argv:
     if not arg.startswith("--config."):
       continue
@@ -86,7 +77,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so that `--help` and flag errors come back without loading JAX.
-  from t2v2t_jax.training import run_setup  # noqa: PLC0415
+  from input_pipeline import synthetic_autocreate  # noqa: PLC0415
+  from t2v2t_jax import sharding  # noqa: PLC0415
+  from t2v2t_jax.training import config_checks  # noqa: PLC0415
 
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if mode == "compile":
@@ -95,10 +88,10 @@ def main(argv):
   if mode != "prepare" and not workdir:
     raise app.UsageError(f"--workdir is required for --mode {mode}")
   logging.set_verbosity(logging.WARNING)
-  run_setup.maybe_initialize_distributed(config)
+  sharding.maybe_initialize_distributed(config)
   try:
-    run_setup.prepare_data(config)
-    run_setup.check_config(config, mode)  # fails before any compilation
+    synthetic_autocreate.create_if_missing(config)
+    config_checks.check_config(config, mode)  # fails before any compilation
     if mode == "prepare":
       from input_pipeline import prepare  # noqa: PLC0415
       prepare.check_config(config.data)  # every annotation file and setting, before any work

@@ -553,21 +553,21 @@ _STATE: dict = {}
 def _valid_state() -> dict:
   if not _STATE:
     import jax
-    from t2v2t_jax.checkpoints import vindlu
+    from t2v2t_jax.checkpoints import vindlu_export
     from t2v2t_jax.checkpoints.params import flatten_params
     from t2v2t_jax.models.t2v2t import create_model
     with jax.default_device(jax.devices("cpu")[0]):
       params = flatten_params(create_model(tiny_model_config(), seed=0))
-    _STATE.update(vindlu.export_vindlu(params, naming="finetune")[0])
+    _STATE.update(vindlu_export.export_vindlu(params, naming="finetune")[0])
   return _STATE
 
 
 def _save_state(state: dict) -> bytes:
   import tempfile
-  from t2v2t_jax.checkpoints import vindlu
+  from t2v2t_jax.checkpoints import vindlu_export
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "x.pth")
-    vindlu.save_vindlu_checkpoint(state, path)
+    vindlu_export.save_vindlu_checkpoint(state, path)
     with open(path, "rb") as f:
       return f.read()
 

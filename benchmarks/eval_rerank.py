@@ -13,8 +13,8 @@ For each fusion mode and each dataset shape asked for, this measures:
     bytes sent per pair;
   - the compiled device memory of one scoring call, and analytic FLOPs per pair;
 and projects the full evaluation of the dataset: candidate pairs (union of the text->video
-and video->text top-k; counted with the evaluator's own `candidate_pairs` on a simulated
-iid similarity matrix, and bounded by [max(Nt, Nv) k, (Nt + Nv) k]), time at the device
+and video->text top-k; counted with the evaluation's own `metrics.candidate_pairs` on a
+simulated iid similarity matrix, and bounded by [max(Nt, Nv) k, (Nt + Nv) k]), time at the device
 rate and at the host-path rate, host memory (float16 video tokens, text states,
 similarity matrices) and host->device bytes.
 
@@ -73,7 +73,8 @@ def simulated_pair_count(evaluator, n_texts: int, n_videos: int, seed: int = 0) 
     return _PAIR_COUNTS[cache_key]
   rng = np.random.default_rng(seed)
   sim = rng.standard_normal((n_videos, n_texts), dtype=np.float32)
-  pairs, _, _ = evaluator.candidate_pairs(sim)
+  from t2v2t_jax.evaluation import metrics  # noqa: PLC0415
+  pairs, _, _ = metrics.candidate_pairs(sim, evaluator.k)
   _PAIR_COUNTS[cache_key] = int(len(pairs))
   return _PAIR_COUNTS[cache_key]
 
@@ -93,7 +94,7 @@ def bench_one(args, mode: str, dataset: str, mesh, counter) -> dict:
 
   from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator  # noqa: PLC0415
   from t2v2t_jax.models.t2v2t import create_model  # noqa: PLC0415
-  from t2v2t_jax.training import sharding as sharding_lib  # noqa: PLC0415
+  from t2v2t_jax import sharding as sharding_lib  # noqa: PLC0415
 
   n_texts, n_videos, frames, text_len = DATASETS[dataset]
   if args.frames_override:
@@ -269,7 +270,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   common.resolve_args(args)
   common.setup_compile_cache(args.compile_cache)
-  from t2v2t_jax.training import sharding as sharding_lib  # noqa: PLC0415
+  from t2v2t_jax import sharding as sharding_lib  # noqa: PLC0415
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
   counter = common.CompileCounter()
   failures = 0

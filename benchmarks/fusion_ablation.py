@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -53,16 +52,11 @@ DISCUSSION_MARK = "<!-- discussion -->"
 DIRECTIONS = (("t2v", "text->video"), ("v2t", "video->text"))
 
 
-def load_recipe(path: str, arg: str):
-  spec = importlib.util.spec_from_file_location("ablation_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def run_config(args, mode: str, seed: int):
   from input_pipeline.config import corpus_config  # noqa: PLC0415
-  config = load_recipe(args.config, ",".join(filter(None, [args.recipe_arg, f"mode={mode}"])))
+  from t2v2t_jax.recipes import load_recipe  # noqa: PLC0415
+  arg = ",".join(filter(None, [args.recipe_arg, f"mode={mode}"]))
+  config = load_recipe(f"{args.config}:{arg}")
   config.seed = seed
   if args.data_root:
     config.data_root = args.data_root  # the corpora's paths follow (FieldReferences)
@@ -85,16 +79,17 @@ def check_same_config(config, workdir: str) -> None:
   Raises ValueError naming the differing fields otherwise: a result from another recipe,
   step count or learning rate must not enter the table silently.
   """
-  from t2v2t_jax.training import run_setup  # noqa: PLC0415
+  from t2v2t_jax.training import workdir as workdir_lib  # noqa: PLC0415
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    diffs = run_setup.config_differences(json.load(f), config)
+    diffs = workdir_lib.config_differences(json.load(f), config)
   if diffs:
     raise ValueError(
-        f"{workdir} holds a run trained with another config ({run_setup.describe_differences(diffs)}); "
-        f"pass --fresh to retrain it or choose another --root")
+        f"{workdir} holds a run trained with another config "
+        f"({workdir_lib.describe_differences(diffs)}); pass --fresh to retrain it or choose "
+        f"another --root")
 
 
 def order_pair_accuracy(evaluator, params, data, embedded=None) -> dict:
@@ -103,11 +98,12 @@ def order_pair_accuracy(evaluator, params, data, embedded=None) -> dict:
   `test_order.json` lists the pairs as consecutive entries (2i, 2i+1), so video v's twin
   is v ^ 1. Ties count one half. `embedded`: the corpus's `evaluator.embed`, if done.
   """
+  from t2v2t_jax.models.t2v2t import similarity  # noqa: PLC0415
   video_emb, tokens, text_emb, hidden = embedded or evaluator.embed(params, data)
   own = np.asarray(data.txt2vid, np.int64)
   twin = own ^ 1
   texts = np.arange(len(own))
-  stage1 = np.einsum("vfe,te->vt", video_emb, text_emb) / video_emb.shape[1]
+  stage1 = similarity(video_emb, text_emb)
   pairs = np.concatenate([np.stack([own, texts], 1), np.stack([twin, texts], 1)])
   itm = evaluator.score_candidates(params, pairs, hidden, data.attention_mask, tokens)
 
@@ -122,9 +118,11 @@ def order_pair_accuracy(evaluator, params, data, embedded=None) -> dict:
 def train_and_measure(args, mode: str, seed: int) -> dict:
   import jax  # noqa: PLC0415
   from input_pipeline import pipeline as pipeline_lib  # noqa: PLC0415
-  from t2v2t_jax.evaluation import evaluate as evaluate_lib  # noqa: PLC0415
+  from input_pipeline import synthetic_autocreate  # noqa: PLC0415
+  from input_pipeline import text as text_lib  # noqa: PLC0415
+  from t2v2t_jax import sharding as sharding_lib  # noqa: PLC0415
+  from t2v2t_jax.checkpoints import restore  # noqa: PLC0415
   from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator  # noqa: PLC0415
-  from t2v2t_jax.training import run_setup  # noqa: PLC0415
   from t2v2t_jax.training import train as train_lib  # noqa: PLC0415
 
   config = run_config(args, mode, seed)
@@ -140,14 +138,15 @@ def train_and_measure(args, mode: str, seed: int) -> dict:
 
   print(f"\n[ablation] {mode} seed {seed}: training {config.total_steps} steps of batch "
         f"{config.batch_size} in {workdir}", flush=True)
-  run_setup.prepare_data(config)  # creates the synthetic data if it is absent
+  synthetic_autocreate.create_if_missing(config)
   t0 = time.perf_counter()
   train_lib.train_and_evaluate(config, workdir, evaluate_at_end=False)
   train_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  params, graphdef, mesh, step = evaluate_lib.load_params(config, workdir)
-  tokenizer = run_setup.load_tokenizer(config)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  params, graphdef, step = restore.load_params(config, workdir, mesh)
+  tokenizer = text_lib.load_tokenizer(config.data.tokenizer)
   evaluator = RetrievalEvaluator(graphdef, mesh, k=config.eval.k,
                                  rerank_batch_size=config.eval.rerank_batch_size,
                                  text_batch_size=config.eval.text_batch_size, progress=False)

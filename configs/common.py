@@ -17,7 +17,8 @@ from t2v2t_jax.models.config import model_config
 from t2v2t_jax.training.optimizer import optimizer_config
 
 # `:tiny` runs get their own small synthetic set, apart from the demo's `data/synthetic`
-# (a folder holds one dataset; run_setup.prepare_data refuses one made with other settings).
+# (a folder holds one dataset; input_pipeline/synthetic_autocreate.py refuses one made with
+# other settings).
 SYNTHETIC_DEFAULT_ROOT = "data/synthetic_tiny"
 
 
@@ -103,7 +104,7 @@ def synthetic_corpora(config, root_ref) -> None:
   config.data.train_corpora = [corpus_config("synthetic_train", root_ref + "/train.json", root_ref)]
   config.data.eval_corpora = [corpus_config("synthetic_test", root_ref + "/test.json", root_ref)]
   config.data.tokenizer = root_ref + "/vocab.txt"
-  # Created on first use if the folder holds no dataset yet (see run_setup.prepare_data).
+  # Created on first use if the folder holds no dataset yet (synthetic_autocreate.py).
   config.synthetic = ml_collections.ConfigDict(dict(
       create_if_missing=True, num_train=64, num_val=16, num_test=16, size=32, fps=8,
       num_frames=8, seed=0))

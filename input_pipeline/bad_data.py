@@ -12,7 +12,8 @@ which calls `FailureTracker.update(batch)` per batch: it logs each failure with 
 keeps the counts for the training log (`tracker.counts()`), and raises `DataFailureError`
 listing the first failures when more than `failure_fraction` of the reads failed (after
 `min_samples` reads). The checkpointer saves the tracker's state beside the iterator's
-(`training/checkpointing.py`), so a resumed run keeps counting where it stopped.
+(`t2v2t_jax/checkpoints/run_checkpoints.py`), so a resumed run keeps counting where it
+stopped.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ global batch, rows in the same order: a run gives the same losses on any number 
 Batches (numpy, per process, b = global_batch_size / process_count):
   frames uint8 [b, T, S, S, 3] (T = 1 for image corpora), input_ids int32 [b, L],
   attention_mask int32 [b, L], video_idx int32 [b], and the host-only failure record
-  decode_failures int32 [b], failure_log str [b] (see bad_data.py).
+  decode_failures int32 [b], failure_log str [b] (see bad_data.py). `MODEL_KEYS` names
+  the fields the train step reads; `t2v2t_jax.sharding.global_batch` puts those on the
+  devices.
 
 The iterator state (`it.get_state()`, or Orbax with `grain.checkpoint.CheckpointSave(it)`
 / `CheckpointRestore(it)`) restores the exact next batch; restore with the same config,
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -57,6 +59,9 @@ from input_pipeline.annotations import Corpus, load_corpus_from_config
 from input_pipeline.config import check_source, corpus_field
 from input_pipeline.prepared_source import PreparedFrames
 from input_pipeline.text import CaptionEncoder, load_tokenizer
+
+MODEL_KEYS = ("frames", "input_ids", "attention_mask", "video_idx")
+
 
 def derive_seed(seed: int, *keys: int) -> int:
   """A seed in [0, 2**32) for one transformation, the same on every machine."""
@@ -359,23 +364,3 @@ def make_eval_data(corpus_cfg, *, tokenizer, num_frames: int, image_size: int,
                   attention_mask=attention_mask, txt2vid=corpus.txt2vid.copy(),
                   vid2txt=[list(v) for v in corpus.vid2txt],
                   video_paths=[corpus.media_path(i) for i in range(n)])
-
-
-# ---------------------------------------------------------------------------------------
-# Host -> device.
-
-
-def global_batch(local_batch: dict, mesh, data_axis: str = "data",
-                 keys: Sequence[str] | None = None) -> dict:
-  """The global batch as `jax.Array`s sharded over `mesh`'s `data_axis`, built from each
-  process's numpy batch (`jax.make_array_from_process_local_data`).
-
-  `keys` default: every numeric field except the host-only failure record.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis))
-  if keys is None:
-    keys = [k for k, v in local_batch.items()
-            if k not in bad_data.FAILURE_KEYS and np.asarray(v).dtype.kind in "biuf"]
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
-          for k in keys}

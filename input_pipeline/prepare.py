@@ -39,13 +39,13 @@ from fractions import Fraction
 from typing import Any, Callable
 
 import numpy as np
+import tqdm
 from PIL import Image
 
 from input_pipeline import bad_data, transforms, video_decode
 from input_pipeline import prepared_source as ps
 from input_pipeline.annotations import Corpus, load_corpus_from_config
 from input_pipeline.config import corpus_field
-from t2v2t_jax.progress import Progress
 
 TMP_DIR = "prepare_tmp"
 
@@ -315,7 +315,7 @@ def _finished_shard(directory: str, name: str, shard: int, num_shards: int,
   return info if info.get("num_records") == num_records else None
 
 
-def _run_tasks(tasks: list[_ShardTask], workers: int, progress: Progress) -> list[dict]:
+def _run_tasks(tasks: list[_ShardTask], workers: int, progress: tqdm.tqdm) -> list[dict]:
   if workers <= 1 or len(tasks) <= 1:
     return [_write_shard(task, on_video=progress.update) for task in tasks]
   ctx = multiprocessing.get_context("spawn")  # the caller may hold threads (JAX, Grain)
@@ -440,7 +440,7 @@ def prepare_corpus(corpus: Corpus, prepared_dir: str, settings: Settings, *,
     print(f"Preparing {corpus.name} ({corpus.num_videos} videos, {num_shards} shards; "
           f"{len(finished)} already done) into {directory} with {min(workers, max(len(tasks), 1))} "
           f"worker(s): {settings.to_json()}", flush=True)
-  with Progress(todo, f"prepare {corpus.name} (videos)", enabled=progress) as bar:
+  with tqdm.tqdm(total=todo, desc=f"prepare {corpus.name} (videos)", disable=not progress) as bar:
     for info in _run_tasks(tasks, workers, bar):
       finished[info["shard"]] = info
   elapsed = time.perf_counter() - start

@@ -69,6 +69,17 @@ def check_tokenizer(tokenizer, source: str = "tokenizer") -> None:
     raise ValueError(f"Tokenizer from {source!r} has no [CLS] token.")
 
 
+def special_token_ids(tokenizer, model_vocab_size: int) -> dict:
+  """The ids MLM masking needs, `{cls, pad, mask, vocab_size}`; raises when the tokenizer
+  has more tokens than the model's word embedding has rows (an id past the table would
+  read out of bounds on the device without an error)."""
+  if len(tokenizer) > model_vocab_size:
+    raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
+                     f"{model_vocab_size}; raise model.text.vocab_size.")
+  return {"cls": int(tokenizer.cls_token_id), "pad": int(tokenizer.pad_token_id),
+          "mask": int(tokenizer.mask_token_id), "vocab_size": int(model_vocab_size)}
+
+
 class CaptionEncoder:
   """Cleans and tokenizes captions into fixed-length id and mask arrays (picklable, so
   Grain worker processes can run it)."""

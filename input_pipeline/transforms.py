@@ -1,4 +1,4 @@
-"""Clip augmentation on the host (uint8, numpy/PIL) and normalisation on the device (JAX).
+"""Clip augmentation on the host (uint8, numpy/PIL).
 
 Train: RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3/4, 4/3), bicubic) then a
 horizontal flip with probability 0.5, the SAME crop and flip for every frame of a clip.
@@ -7,7 +7,8 @@ bicubic (`Image.BICUBIC`, which widens its filter by the scale factor when downs
 i.e. antialiased), per frame; the crop is cut out first and then resized, as
 torchvision's `resized_crop` does (pixels outside the crop never leak in at its edges).
 
-The frames stay uint8 until the device: `normalize` turns them into `(x / 255 - 0.5) / 0.5`.
+The frames stay uint8 until the device: the model normalises them itself
+(`t2v2t_jax.models.t2v2t.normalize_frames`), so four times fewer bytes cross to the device.
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ import math
 
 import numpy as np
 from PIL import Image
-
-MEAN = 0.5  # per channel, the same for R, G, B
-STD = 0.5
-
 
 def random_resized_crop_params(height: int, width: int, rng: np.random.Generator,
                                scale: tuple[float, float] = (0.5, 1.0),
@@ -96,26 +93,3 @@ def train_transform(frames: np.ndarray, size: int, rng: np.random.Generator,
 def eval_transform(frames: np.ndarray, size: int) -> np.ndarray:
   """Bicubic resize to `size` x `size` (aspect ratio not kept): uint8 `[T, size, size, 3]`."""
   return resize_frames(frames, size)
-
-
-# normalize() of each uint8 value, computed as PyTorch does it (float32 IEEE arithmetic:
-# x / 255, then (x - 0.5) / 0.5). XLA's float32 division is not correctly rounded on CPU
-# or GPU (126 of the 256 values of x / 255 come out 1 ulp off), so the device looks the
-# values up in this table instead of dividing.
-NORMALIZE_TABLE = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(MEAN)) / np.float32(STD)
-
-
-def normalize(frames, dtype="float32"):
-  """Device-side normalisation of uint8 frames: `(x / 255 - 0.5) / 0.5`, in `dtype`.
-
-  uint8 input: a lookup in `NORMALIZE_TABLE` (bit-exact with the float32 formula; under
-  jit a fused gather, as cheap as the arithmetic). Other input dtypes: the arithmetic, in
-  float32, then cast. (JAX is imported here, not at module level: loader worker processes
-  import this module and should not pay for JAX.)"""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  x = jnp.asarray(frames)
-  if x.dtype == jnp.uint8:
-    return jnp.asarray(NORMALIZE_TABLE, dtype=dtype)[x.astype(jnp.int32)]
-  x = x.astype(jnp.float32) / 255.0
-  return ((x - MEAN) / STD).astype(dtype)

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import ml_collections
 
+from t2v2t_jax.recipes import recipe_module
+from t2v2t_jax.tree_paths import flatten_config
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT_MARK = "{data_root}"
 
@@ -227,23 +230,10 @@ def descriptions() -> dict[str, str]:
 # ------------------------------------------------------------------ reading configs
 
 
-def flatten(config, prefix: str = "") -> dict:
-  """{dotted field: value} of a ConfigDict (lists such as the corpora stay whole)."""
-  out = {}
-  for key in sorted(config.keys()):
-    value = config[key]
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def recipe_config(name: str, arg: str | None = None):
-  import importlib  # noqa: PLC0415
-  module = importlib.import_module(f"configs.{name}")
-  config = module.get_config(arg)
-  return module, config
+  """(module, config) of `configs/<name>.py` with `arg`."""
+  module = recipe_module(REPO / "configs" / f"{name}.py")
+  return module, module.get_config(arg)
 
 
 def format_value(value) -> str:
@@ -270,9 +260,9 @@ def field_table() -> tuple[dict, dict]:
   """(fields {name: (default, origin)}, descriptions); the defaults of `base_config()`,
   plus fields only recipes add (the synthetic-data settings, shown with the demo's value)."""
   from configs import common  # noqa: PLC0415
-  fields = {k: (v, "") for k, v in flatten(common.base_config()).items()}
+  fields = {k: (v, "") for k, v in flatten_config(common.base_config()).items()}
   _, demo = recipe_config("demo")
-  for key, value in flatten(demo).items():
+  for key, value in flatten_config(demo).items():
     fields.setdefault(key, (value, "demo"))
   return fields, descriptions()
 
@@ -344,7 +334,7 @@ def _recipe_section(name: str, fields: dict) -> list[str]:
   if command:
     out += ["", f"`{command}`"]
   out += ["", "| field | default | this recipe |", "|---|---|---|"]
-  for key, value in flatten(config).items():
+  for key, value in flatten_config(config).items():
     if key.startswith("data.") and key.endswith("_corpora"):
       continue
     default = fields.get(key, (None, ""))[0]
@@ -375,7 +365,7 @@ def _first_command(doc_lines: list[str]) -> str:
 def _tiny_section() -> list[str]:
   _, full = recipe_config("msrvtt_ft")
   _, tiny = recipe_config("msrvtt_ft", "tiny")
-  full_flat, tiny_flat = flatten(full), flatten(tiny)
+  full_flat, tiny_flat = flatten_config(full), flatten_config(tiny)
   out = ["", "### The `:tiny` argument", "",
          "`--config configs/<recipe>.py:tiny` runs any recipe with the tiniest model on the",
          "synthetic dataset, for tests and quick local runs. Changes to `msrvtt_ft`:", "",

@@ -11,7 +11,7 @@ r"""Convert checkpoints between VindLU (PyTorch) and this project (Orbax).
 Import: the model is the recipe's `config.model` when `--config` is given (then the
 checkpoint must fit it: relative position tables and the temporal embedding are resized,
 anything else that does not fit is an error), else an architecture inferred from the
-checkpoint's shapes (`vindlu.infer_model_config`) with fusion mode `--mode` (default
+checkpoint's shapes (`vindlu_config.infer_model_config`) with fusion mode `--mode` (default
 t2v2t). OUT_DIR becomes an Orbax CheckpointManager folder `OUT_DIR/0/state` holding
 `{'params': nnx.State}` (no optimizer state: use it as `--config.init_from`, not as a
 `--workdir` to resume), plus `OUT_DIR/vindlu_import.txt` with the import table.
@@ -28,22 +28,12 @@ torch is needed (the optional extra `convert`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
+from t2v2t_jax.recipes import load_recipe
+
 IMPORT_REPORT = "vindlu_import.txt"
-
-
-def load_recipe(spec: str):
-  """`configs/x.py[:arg]` -> the ConfigDict its `get_config(arg)` builds."""
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--config {spec!r}: no file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("_convert_recipe", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def save_params_checkpoint(directory: str, params_state, *, step: int = 0) -> str:
@@ -66,25 +56,25 @@ def vindlu_to_orbax(in_path: str, out_dir: str, *, model_config=None, fusion_mod
   """Import a VindLU `.pth` and save it as an Orbax checkpoint. Returns the import report."""
   from flax import nnx
 
-  from t2v2t_jax.checkpoints import vindlu
-  from t2v2t_jax.checkpoints.params import assign_params
+  from t2v2t_jax.checkpoints import vindlu, vindlu_config
+  from t2v2t_jax.checkpoints.params import assign_into
   from t2v2t_jax.models.t2v2t import create_model
 
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f"{out_dir} exists and is not empty; choose a new output folder")
   ckpt = vindlu.read_vindlu_checkpoint(in_path)
   if model_config is None:
-    model_config = vindlu.infer_model_config(ckpt.state, fusion_mode or "t2v2t")
+    model_config = vindlu_config.infer_model_config(ckpt.state, fusion_mode or "t2v2t")
   elif fusion_mode:
     model_config.fusion.mode = fusion_mode
   model = create_model(model_config, seed=seed)
   values, report = vindlu.import_vindlu(ckpt.state, model_config, model=model, source=ckpt.source)
   report.upcast = ckpt.upcast
-  assign_params(model, values)
+  assign_into(model, values, source=ckpt.source)
   _, params_state = nnx.split(model, nnx.Param)
   save_params_checkpoint(out_dir, params_state)
-  text = (report.table() + f"\nmodel: {vindlu.describe_config(model_config)}; fusion mode "
-          f"{model_config.fusion.mode!r}\n")
+  text = (report.table() + f"\nmodel: {vindlu_config.describe_config(model_config)}; fusion "
+          f"mode {model_config.fusion.mode!r}\n")
   with open(os.path.join(out_dir, IMPORT_REPORT), "w") as f:
     f.write(text)
   if verbose:
@@ -96,14 +86,12 @@ def vindlu_to_orbax(in_path: str, out_dir: str, *, model_config=None, fusion_mod
 def orbax_to_vindlu(ckpt_dir: str, out_path: str, *, naming: str = "finetune",
                     drop_t2v: bool = False, model_config=None, verbose: bool = True):
   """Export our parameters (latest step of `ckpt_dir`) to a VindLU `.pth`. Returns the report."""
-  import numpy as np
+  from t2v2t_jax.checkpoints import restore, vindlu_export
+  from t2v2t_jax.checkpoints.vindlu_keys import VindluCheckpointError
 
-  from t2v2t_jax.checkpoints import vindlu
-  from t2v2t_jax.training.initialization import load_params_from
-
-  if ckpt_dir.endswith((".pth", ".pt", ".bin")):
+  if ckpt_dir.endswith(restore.TORCH_SUFFIXES):
     raise ValueError(f"{ckpt_dir!r}: export reads one of our checkpoint folders, not a .pth")
-  params = {k: np.asarray(v) for k, v in load_params_from(ckpt_dir, None).items()}
+  params = restore.params_from(ckpt_dir, None)
   if model_config is not None:
     from t2v2t_jax.checkpoints.params import param_shapes
     from t2v2t_jax.models.t2v2t import abstract_model
@@ -112,11 +100,11 @@ def orbax_to_vindlu(ckpt_dir: str, out_path: str, *, naming: str = "finetune",
     bad = [f"{p}: config {want[p]} vs checkpoint {params[p].shape}" for p in want
            if p in params and tuple(params[p].shape) != tuple(want[p])]
     if diff or bad:
-      raise vindlu.VindluCheckpointError(
+      raise VindluCheckpointError(
           f"{ckpt_dir} does not match --config: " + "; ".join(
               [f"only in one of them: {', '.join(diff[:20])}"] * bool(diff) + bad[:20]))
-  state, report = vindlu.export_vindlu(params, naming=naming, drop_t2v=drop_t2v)
-  vindlu.save_vindlu_checkpoint(state, out_path)
+  state, report = vindlu_export.export_vindlu(params, naming=naming, drop_t2v=drop_t2v)
+  vindlu_export.save_vindlu_checkpoint(state, out_path)
   if verbose:
     print(report.table(), flush=True)
     print(f"wrote {out_path} ({len(state)} tensors)", flush=True)

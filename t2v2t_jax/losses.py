@@ -1,7 +1,9 @@
 """Training objectives: video-text contrastive (VTC), matching (VTM), masked language (MLM).
 
 Pure functions of arrays, jit-friendly (every shape is static). Numbers follow SPEC.md
-section 4. Losses return `(loss, aux)`, `aux` a dict of scalars for logging.
+section 4. Losses return `(loss, aux)`, `aux` a dict of scalars for logging. The scores
+they take are the model's (`models.t2v2t.similarity`, the clamped temperature); the
+objective that assembles them per batch is `training/objective.py`.
 
 Conventions recorded here (SPEC asks for each to be written down):
 
@@ -25,27 +27,6 @@ import jax
 import jax.numpy as jnp
 
 IGNORE_INDEX = -100  # MLM label of positions that are not predicted (PyTorch convention)
-
-
-def similarity(video_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
-  """Video-to-text cosine similarity, the mean over frames of per-frame cosines.
-
-  Args:
-    video_emb: [Bv, T, E] per-frame embeddings, each frame L2-normalised.
-    text_emb: [Bt, E] text embeddings, L2-normalised.
-
-  Returns:
-    [Bv, Bt] float32 similarity (before temperature). This is NOT the cosine of a
-    pooled-then-normalised video vector (SPEC 4).
-  """
-  per_frame = jnp.einsum("vte,be->vtb", video_emb.astype(jnp.float32),
-                         text_emb.astype(jnp.float32))
-  return per_frame.mean(axis=1)
-
-
-def clamp_temperature(temp: jax.Array, lo: float = 0.001, hi: float = 0.5) -> jax.Array:
-  """Clamp the learnable temperature into [lo, hi] (done before every training step)."""
-  return jnp.clip(temp, lo, hi)
 
 
 def _positive_mask(video_idx: jax.Array) -> jax.Array:

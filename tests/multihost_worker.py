@@ -30,9 +30,9 @@ class Preempted(Exception):
 
 
 def _install_preemption(step_to_stop: int) -> None:
-  from t2v2t_jax.training import checkpointing  # noqa: PLC0415
+  from t2v2t_jax.checkpoints import run_checkpoints  # noqa: PLC0415
 
-  save = checkpointing.Checkpointer.save
+  save = run_checkpoints.Checkpointer.save
 
   def save_then_stop(self, step, *args, **kwargs):
     saved = save(self, step, *args, **kwargs)
@@ -41,7 +41,7 @@ def _install_preemption(step_to_stop: int) -> None:
       raise Preempted(step)
     return saved
 
-  checkpointing.Checkpointer.save = save_then_stop
+  run_checkpoints.Checkpointer.save = save_then_stop
 
 
 def run(argv):

@@ -42,18 +42,15 @@ def _config(root, failure_fraction):
 
 
 def _evaluate(config, workdir):
+  from flax import nnx
+  from input_pipeline import text as text_lib
+  from t2v2t_jax import sharding as sharding_lib
   from t2v2t_jax.evaluation import evaluate
-  from t2v2t_jax.training import optimizer as optimizer_lib
-  from t2v2t_jax.training import run_setup
-  from t2v2t_jax.training import sharding as sharding_lib
-  from t2v2t_jax.training import train_state as state_lib
+  from t2v2t_jax.models.t2v2t import create_model
   mesh = sharding_lib.make_mesh(config.mesh)
-  tx = optimizer_lib.make_optimizer(config.optimizer, 1)
-  abstract = state_lib.abstract_state(config.model, tx, config.seed)
-  shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  state = state_lib.create_sharded_state(config.model, tx, config.seed, shardings)
-  return evaluate.evaluate_all(config, state["params"], state_lib.model_graphdef(config.model),
-                               mesh, run_setup.load_tokenizer(config), str(workdir), 0)
+  graphdef, params = nnx.split(create_model(config.model, seed=config.seed), nnx.Param)
+  return evaluate.evaluate_all(config, params, graphdef, mesh,
+                               text_lib.load_tokenizer(config.data.tokenizer), str(workdir), 0)
 
 
 def test_every_broken_video_is_named_and_no_good_one(corpus, tmp_path, capsys):
@@ -100,10 +97,10 @@ flags.FLAGS.mark_as_parsed()
 from configs import demo
 from input_pipeline import pipeline
 from t2v2t_jax.evaluation.broken_videos import BrokenVideos
+from flax import nnx
+from t2v2t_jax import sharding as sharding_lib
 from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
-from t2v2t_jax.training import optimizer as optimizer_lib
-from t2v2t_jax.training import sharding as sharding_lib
-from t2v2t_jax.training import train_state as state_lib
+from t2v2t_jax.models.t2v2t import create_model
 
 def main():
   config = demo.get_config("tiny")
@@ -111,14 +108,11 @@ def main():
   data = pipeline.make_eval_data(config.data.eval_corpora[0], tokenizer=config.data.tokenizer,
                                  num_frames=2, image_size=32, batch_size=2, num_workers=2)
   mesh = sharding_lib.make_mesh(config.mesh)
-  tx = optimizer_lib.make_optimizer(config.optimizer, 1)
-  abstract = state_lib.abstract_state(config.model, tx, config.seed)
-  shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  state = state_lib.create_sharded_state(config.model, tx, config.seed, shardings)
-  evaluator = RetrievalEvaluator(state_lib.model_graphdef(config.model), mesh, progress=False)
+  graphdef, params = nnx.split(create_model(config.model, seed=config.seed), nnx.Param)
+  evaluator = RetrievalEvaluator(graphdef, mesh, progress=False)
   broken = BrokenVideos(data)
   before = set(os.listdir("/dev/shm"))
-  emb, _ = evaluator.embed_videos(state["params"], broken.watch(data))
+  emb, _ = evaluator.embed_videos(params, broken.watch(data))
   print("embedded", emb.shape, "broken", len(broken.collect()))
   print("blocks left", sorted(set(os.listdir("/dev/shm")) - before))
 

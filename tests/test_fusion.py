@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t2v2t_jax.checkpoints.params import assign_params, flatten_params
+from bert_reference import (dense, gelu, jit_apply, jit_value_and_grad, ln, mha, nested, randomize,
+                            ref_bert_layer)
+from t2v2t_jax.checkpoints.params import assign_into, flatten_params
 from t2v2t_jax.models.bypass import BypassCrossAttention
 from t2v2t_jax.models.config import model_config
 from t2v2t_jax.models.fusion import FusionEncoder
-from test_text_encoder import dense, gelu, jit_apply, jit_value_and_grad, ln, mha, nested, randomize, ref_bert_layer
 
 B, L, T, N, D = 2, 6, 3, 5, 32
 
@@ -23,7 +24,7 @@ def fusion_cfg(mode, **fusion):
 
 def set_gates(module, value):
   gates = [k for k in flatten_params(module) if k.split(".")[-1] in ("gate", "ffn_gate")]
-  assign_params(module, {k: np.float32(value) for k in gates})
+  assign_into(module, {k: np.float32(value) for k in gates})
   return gates
 
 
@@ -118,7 +119,7 @@ def test_t2v2t_with_zero_gates_equals_v2t(placement, order):
   shared = flatten_params(t2v2t)
   v2t_paths = set(flatten_params(v2t))
   assert v2t_paths <= set(shared) and all(p.startswith("layers.") for p in v2t_paths)
-  assign_params(v2t, {p: shared[p] for p in v2t_paths})
+  assign_into(v2t, {p: shared[p] for p in v2t_paths})
   text, mask, video = make_inputs()
   a, _ = t2v2t(text, mask, video)
   b, _ = v2t(text, mask, video)
@@ -166,7 +167,7 @@ def test_keep_frame_cls_false_drops_token_zero():
   for mode in ("v2t", "t2v2t", "joint"):
     drop = build(mode, keep_frame_cls=False)
     keep = FusionEncoder(fusion_cfg(mode), rngs=nnx.Rngs(0))
-    assign_params(keep, flatten_params(drop))
+    assign_into(keep, flatten_params(drop))
     a, _ = drop(text, mask, video)
     b, _ = keep(text, mask, video[:, :, 1:])
     np.testing.assert_array_equal(a, b)

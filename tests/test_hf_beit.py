@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from t2v2t_jax.checkpoints import hf_beit  # noqa: E402
+from t2v2t_jax.checkpoints import hf_beit, hf_files  # noqa: E402
 from t2v2t_jax.checkpoints.params import flatten_params  # noqa: E402
 from t2v2t_jax.models.config import model_config  # noqa: E402
 from t2v2t_jax.models.vision_encoder import VideoEncoder  # noqa: E402
@@ -95,9 +95,9 @@ def test_saved_layout_is_legacy(ckpt):
 def test_matches_transformers_beit_model(ckpt, fresh_encoder):
   enc = nnx.clone(fresh_encoder)
   report = hf_beit.load_beit_into(enc, str(ckpt["root"] / "beit_model"))
-  assert report.prefix == "" and report.dropped == [] and not report.warnings
-  assert report.new_params and all(hf_beit.is_temporal_param(p) for p in report.new_params)
-  assert len(report.loaded) + len(report.new_params) == len(flatten_params(enc))
+  assert report.prefix == "" and report.dropped == {} and not report.warnings
+  assert report.new and all(hf_beit.is_temporal_param(p) for p in report.new)
+  assert len(report.loaded) + len(report.new) == len(flatten_params(enc))
   # Newly initialised temporal parts keep their init: zero scale, zero embedding.
   params = flatten_params(enc)
   assert float(params["layers.1.temporal.scale"]) == 0.0
@@ -244,43 +244,37 @@ def test_vision_config_from_hf(ckpt):
     hf_beit.vision_config_from_hf({**cfg, "use_mean_pooling": False})
 
 
-def test_transforms():
-  w = np.arange(6 * 2, dtype=np.float32).reshape(6, 2)     # packed in_proj [3D, D], D = 2
-  np.testing.assert_array_equal(hf_beit.apply_transform("in_proj_q", w), w[:2].T)
-  np.testing.assert_array_equal(hf_beit.apply_transform("in_proj_v", w), w[4:].T)
-  np.testing.assert_array_equal(hf_beit.apply_transform("in_proj_k", np.arange(6.0)), [2.0, 3.0])
-  conv = np.random.default_rng(0).normal(size=(5, 3, 2, 2)).astype(np.float32)
-  np.testing.assert_array_equal(hf_beit.apply_transform("conv", conv)[1, 0, 2, 4], conv[4, 2, 1, 0])
-  np.testing.assert_array_equal(hf_beit.apply_transform("linear", w), w.T)
-  emb = np.ones((1, 4, 1, 2), np.float32)
-  assert hf_beit.apply_transform("temporal_zero_pad", emb, target_shape=(1, 6, 1, 2))[0, 4:].sum() == 0
-  assert hf_beit.infer_square_grid(732) == 14
-  with pytest.raises(ValueError):
-    hf_beit.infer_square_grid(100)
+def test_key_map_with_prefix():
   keys = [m.source for m in hf_beit.beit_key_map(2, src_prefix="vision_encoder.")]
   assert len(keys) == len(set(keys)) and all(k.startswith("vision_encoder.") for k in keys)
 
 
 def test_reads_half_precision_safetensors_and_reports_missing_paths(tmp_path):
   save_file({"a": np.ones((2, 2), np.float16)}, str(tmp_path / "w.safetensors"))
-  config, tensors, _ = hf_beit.read_hf_checkpoint(str(tmp_path / "w.safetensors"))
+  config, tensors, _ = hf_files.read_hf_checkpoint(str(tmp_path / "w.safetensors"))
   assert config is None and tensors["a"].dtype == np.float32
   with pytest.raises(FileNotFoundError):
-    hf_beit.read_hf_checkpoint(str(tmp_path / "nothing_here"))
+    hf_files.read_hf_checkpoint(str(tmp_path / "nothing_here"))
   with pytest.raises(FileNotFoundError, match="holds none of"):
-    hf_beit.read_hf_checkpoint(str(tmp_path))
+    hf_files.read_hf_checkpoint(str(tmp_path))
 
 
 def test_run_started_from_pretrained_beit(ckpt, tmp_path, monkeypatch):
   """`config.pretrained.beit` at the start of a run: the video encoder reproduces
   transformers' BEiT, everything else keeps the run's own init, one model is built."""
-  from t2v2t_jax import convert  # noqa: PLC0415
-  from t2v2t_jax.training import checkpointing, initialization, sharding  # noqa: PLC0415
+  from flax import nnx as nnx_lib  # noqa: PLC0415
+  from t2v2t_jax import sharding  # noqa: PLC0415
+  from t2v2t_jax.checkpoints.run_checkpoints import Checkpointer  # noqa: PLC0415
+  from t2v2t_jax.models.t2v2t import abstract_params  # noqa: PLC0415
+  from t2v2t_jax.recipes import load_recipe  # noqa: PLC0415
+  from t2v2t_jax.training import initialization  # noqa: PLC0415
   from t2v2t_jax.training import optimizer as optimizer_lib  # noqa: PLC0415
   from t2v2t_jax.training import train_state as state_lib  # noqa: PLC0415
+  from t2v2t_jax.tree_paths import flatten  # noqa: PLC0415
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cfg = convert.load_recipe(os.path.join(repo, "configs", "msrvtt_ft.py") + ":tiny")
+  cfg = load_recipe(os.path.join(repo, "configs", "msrvtt_ft.py") + ":tiny")
   with cfg.unlocked():
+    cfg.model.dtype = "float32"  # compared with transformers' float32 BEiT below
     cfg.model.vision.update(dict(width=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP,
                                  patch_size=PATCH, image_size=IMAGE))
     cfg.model.text.update(dict(width=WIDTH, num_heads=HEADS))  # t2v2t: equal widths
@@ -289,8 +283,7 @@ def test_run_started_from_pretrained_beit(ckpt, tmp_path, monkeypatch):
   tx = optimizer_lib.make_optimizer(cfg.optimizer, 10)
   abstract = state_lib.abstract_state(cfg.model, tx, cfg.seed)
   shardings = state_lib.state_shardings(abstract, mesh)
-  fresh = initialization.flatten_tree(
-      state_lib.create_sharded_state(cfg.model, tx, cfg.seed, shardings)["params"])
+  fresh = flatten(state_lib.create_sharded_state(cfg.model, tx, cfg.seed, shardings)["params"])
 
   seeded_builds = []  # shape-only builds (eval_shape) pass no seed
   real_create = state_lib.create_model
@@ -298,17 +291,17 @@ def test_run_started_from_pretrained_beit(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(module, "create_model", raising=False, value=lambda c, **kw: (
         "seed" in kw and seeded_builds.append(kw)) or real_create(c, **kw))
   state, source = initialization.initial_state(
-      cfg, ckpt=checkpointing.Checkpointer(str(tmp_path / "ckpt")), abstract=abstract,
+      cfg, ckpt=Checkpointer(str(tmp_path / "ckpt")), abstract=abstract,
       shardings=shardings, tx=tx, data_iter=None)
   assert "Hugging Face" in source and len(seeded_builds) == 1
 
-  model = state_lib.merge_model(state_lib.model_graphdef(cfg.model), state["params"])
+  model = nnx_lib.merge(abstract_params(cfg.model)[0], state["params"])
   x = images(2)
   ref_h, ref_p = hf_outputs(ckpt["model"], x)
   h, pooled = _forward(model.vision_encoder, jnp.asarray(x)[:, None])
   np.testing.assert_allclose(h[:, 0], ref_h, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(pooled[:, 0], ref_p, atol=1e-4, rtol=1e-4)
-  got = initialization.flatten_tree(state["params"])
+  got = flatten(state["params"])
   for path, value in got.items():
     if not path.startswith("vision_encoder.") or hf_beit.is_temporal_param(path):
       np.testing.assert_array_equal(np.asarray(value), np.asarray(fresh[path]), err_msg=path)

@@ -108,7 +108,7 @@ def test_tiny_mlm_logits_match_transformers(tiny_mlm):
   assert any(k.startswith("bert.") for k in state)
   _, text, fusion = build(hf_config, fusion_layer=2, mode="t2v2t")
   report = hf_bert.load_bert_into(text, fusion, folder)
-  assert "text_encoder.mlm_head.bias" in report.loaded
+  assert "text_encoder.mlm_head.bias" in report.loaded_targets
   assert any(p.startswith("fusion_encoder.t2v.") for p in report.new)
 
   rng = np.random.default_rng(0)
@@ -197,7 +197,7 @@ def test_structure_mismatch_and_text_only_import(tiny_mlm):
   _, text, _ = build(hf_config, 2)
   report = hf_bert.load_bert_into(text, None, folder)
   assert "encoder.layer.3.output.dense.weight" in report.dropped
-  assert "text_encoder.layers.1.ffn.output.kernel" in report.loaded
+  assert "text_encoder.layers.1.ffn.output.kernel" in report.loaded_targets
 
 
 def test_text_config_from_hf():

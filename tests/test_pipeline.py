@@ -337,12 +337,15 @@ def test_eval_data(data):
 
 def test_global_batch(data):
   import jax  # pylint: disable=g-import-not-at-top
+  from t2v2t_jax import sharding  # pylint: disable=g-import-not-at-top
   (batch,) = take(make_cfg(data), 1)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  out = pipeline.global_batch(batch, mesh)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  out = sharding.global_batch(batch, mesh, pipeline.MODEL_KEYS)
+  # The model's fields go to the devices; the failure record stays on the host.
   assert set(out) == {"frames", "input_ids", "attention_mask", "video_idx"}
+  assert set(bad_data.FAILURE_KEYS) <= set(batch)
   assert out["frames"].shape == batch["frames"].shape and out["frames"].dtype == np.uint8
-  assert out["input_ids"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert out["input_ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   np.testing.assert_array_equal(np.asarray(out["input_ids"]), batch["input_ids"])
 
 

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from input_pipeline import bad_data
-from t2v2t_jax.training import checkpointing, run_setup
-from t2v2t_jax.training.checkpointing import Checkpointer, NoUsableCheckpointError
+from t2v2t_jax.checkpoints import run_checkpoints
+from t2v2t_jax.checkpoints.run_checkpoints import Checkpointer, NoUsableCheckpointError
+from t2v2t_jax.training import config_checks
+from t2v2t_jax.training import workdir as workdir_lib
 
 
 def _state(step):
@@ -41,7 +43,7 @@ def saved(tmp_path_factory):
   it = _tracked()
   for step in (2, 4):
     next(it), next(it)
-    ckpt.save(step, _state(step), it, force=True)
+    ckpt.save(step, _state(step), it)
   ckpt.close()
   return root
 
@@ -104,9 +106,9 @@ def test_damaged_latest_step_resumes_from_the_previous_one(kind, saved, tmp_path
   # The bad-data counts of step 2 (items 0 and 1: item 0 failed) came back with it.
   assert (it.failures.samples, it.failures.failures) == (3, 1)  # + item 2, which did not fail
   # The run can save step 4 again.
-  assert ckpt.save(4, _state(4), it, force=True)
+  assert ckpt.save(4, _state(4), it)
   ckpt.close()
-  assert checkpointing.check_step(str(work / "checkpoints" / "4"), data_iter=True) is None
+  assert run_checkpoints.check_step(str(work / "checkpoints" / "4"), data_iter=True) is None
 
 
 # Orbax leaves the coroutines of the failed read behind; Python reports them when collected.
@@ -117,7 +119,7 @@ def test_a_step_without_record_that_fails_to_restore_falls_back(saved, tmp_path,
   work = tmp_path / "run"
   shutil.copytree(saved, work)
   step4 = work / "checkpoints" / "4"
-  os.remove(step4 / checkpointing.INTEGRITY_FILE)
+  os.remove(step4 / run_checkpoints.INTEGRITY_FILE)
   _truncate(_biggest(str(step4)))
   ckpt = Checkpointer(str(work / "checkpoints"), quarantine=True)
   assert ckpt.latest_step() == 4  # nothing shows until it is read
@@ -139,7 +141,7 @@ def test_no_usable_step_and_an_earlier_run_refuse_to_start(saved, tmp_path):
   from configs import demo
   config = demo.get_config("tiny")
   with pytest.raises(NoUsableCheckpointError) as e:
-    run_setup.check_start_from_scratch(config, str(work), ckpt.damaged)
+    workdir_lib.check_start_from_scratch(config, str(work), ckpt.damaged)
   assert str(e.value).startswith(
       f"{work} holds an earlier run (metrics.jsonl, checkpoints_damaged/, damaged checkpoint "
       "step(s) 2, 4) but no usable checkpoint to resume from; refusing to start from scratch")
@@ -147,7 +149,7 @@ def test_no_usable_step_and_an_earlier_run_refuse_to_start(saved, tmp_path):
 
   config.start_over = True
   (work / "config.json").write_text("{}")
-  run_setup.check_start_from_scratch(config, str(work), ckpt.damaged)
+  workdir_lib.check_start_from_scratch(config, str(work), ckpt.damaged)
   assert sorted(os.listdir(work / "previous_runs" / "1")) == ["config.json", "metrics.jsonl"]
   assert not (work / "metrics.jsonl").exists()
 
@@ -170,7 +172,7 @@ def test_evaluation_rows_alone_are_not_an_earlier_run(tmp_path):
   from configs import demo
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/x/t2v_r1": 1.0}) + "\n")
   (tmp_path / "config.json").write_text("{}")
-  run_setup.check_start_from_scratch(demo.get_config("tiny"), str(tmp_path))
+  workdir_lib.check_start_from_scratch(demo.get_config("tiny"), str(tmp_path))
   assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "previous_runs").exists()
 
 
@@ -186,7 +188,7 @@ def test_bad_intervals_fail_before_any_work(field, value, message):
   config = demo.get_config("tiny")
   config[field] = value
   with pytest.raises(ValueError, match=message):
-    run_setup.check_run_settings(config)
+    config_checks.check_run_settings(config)
 
 
 @pytest.mark.parametrize("source", ["/missing/file.pth", "/missing/run"])
@@ -195,7 +197,7 @@ def test_missing_init_from_is_not_found_at_once(source):
   config = demo.get_config("tiny")
   config.init_from = source
   with pytest.raises(FileNotFoundError, match=rf"init_from='{source}' not found: no such "):
-    run_setup.check_run_settings(config, "eval")
+    config_checks.check_run_settings(config, "eval")
 
 
 def test_bad_data_counts_survive_a_resume(tmp_path):
@@ -206,7 +208,7 @@ def test_bad_data_counts_survive_a_resume(tmp_path):
     next(it)
   before = it.failures.get_state()
   assert before["failures"] == 2 and before["by_reason"] == {"missing": 2}
-  ckpt.save(6, _state(6), it, force=True)
+  ckpt.save(6, _state(6), it)
   ckpt.close()
 
   resumed = _tracked()

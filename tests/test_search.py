@@ -24,9 +24,10 @@ from PIL import Image
 from configs import demo
 from input_pipeline import synthetic
 from input_pipeline.config import corpus_config
-from t2v2t_jax.evaluation import explain
+from t2v2t_jax.evaluation import explain, search_explain, search_videos
 from t2v2t_jax.evaluation import search as search_lib
 from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
+from t2v2t_jax.models.t2v2t import similarity
 
 NUM_VIDEOS = 3
 
@@ -93,14 +94,14 @@ def test_every_caption_finds_its_video(trained, capsys):
 
 def test_rerank_scores_match_the_evaluator(trained):
   from input_pipeline import pipeline as pipeline_lib  # noqa: PLC0415
-  from t2v2t_jax.training import run_setup  # noqa: PLC0415
+  from input_pipeline import text as text_lib  # noqa: PLC0415
   config, workdir, _ = trained
   config = config.copy_and_resolve_references()
   config.eval.k = NUM_VIDEOS  # rerank every video
   searcher = search_lib.Searcher(config, workdir, progress=False)
   # The evaluation's own path: its frame reading, tokenization, embedding and scoring.
   data = pipeline_lib.make_eval_data(
-      config.data.eval_corpora[0], tokenizer=run_setup.load_tokenizer(config),
+      config.data.eval_corpora[0], tokenizer=text_lib.load_tokenizer(config.data.tokenizer),
       num_frames=config.eval.num_frames, image_size=config.model.vision.image_size,
       max_len=config.data.max_len, batch_size=1)
   evaluator = RetrievalEvaluator(searcher.graphdef, searcher.mesh, k=NUM_VIDEOS, progress=False)
@@ -110,7 +111,7 @@ def test_rerank_scores_match_the_evaluator(trained):
   for j in (0, 3):  # a caption of the first and of the second video
     pairs = np.stack([np.arange(NUM_VIDEOS), np.full(NUM_VIDEOS, j)], axis=1)
     itm = evaluator.score_candidates(params, pairs, text_hidden, data.attention_mask, tokens)
-    stage1 = np.einsum("vfe,e->v", video_emb, text_emb[j]) / video_emb.shape[1]
+    stage1 = similarity(video_emb, text_emb[j:j + 1])[:, 0]
     results = searcher.search(data.texts[j], top=NUM_VIDEOS)
     order = [r.video_index for r in results]
     assert order == list(np.argsort(-itm, kind="stable"))
@@ -171,13 +172,13 @@ def test_second_search_uses_the_cache(trained, monkeypatch, tmp_path):
 def test_folder_errors(tmp_path):
   config = tiny_config(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no such folder"):
-    search_lib.list_videos(config, str(tmp_path / "missing"))
+    search_videos.list_videos(config, str(tmp_path / "missing"))
   (tmp_path / "a.txt").write_text("x")
   with pytest.raises(FileNotFoundError, match="no .mp4"):
-    search_lib.list_videos(config, str(tmp_path))
+    search_videos.list_videos(config, str(tmp_path))
   for name in ("b.MKV", "a.webm", "c.avi", "d.mp4"):
     (tmp_path / name).write_bytes(b"")
-  listed = search_lib.list_videos(config, str(tmp_path)).paths
+  listed = search_videos.list_videos(config, str(tmp_path)).paths
   assert [os.path.basename(p) for p in listed] == ["a.webm", "b.MKV", "c.avi", "d.mp4"]
 
 
@@ -261,7 +262,7 @@ def test_explain_writes_a_picture_per_result(trained):
   import jax  # noqa: PLC0415
   _, hidden, mask = searcher.embed_query(caption)
   num_frames, size = config.eval.num_frames, config.model.vision.image_size
-  frames = np.stack([search_lib.read_frames(r.path, num_frames, size) for r in results])
+  frames = np.stack([search_videos.read_frames(r.path, num_frames, size) for r in results])
 
   @jax.jit
   def reference(params, frames, hidden, mask):
@@ -278,7 +279,7 @@ def test_explain_writes_a_picture_per_result(trained):
   assert np.all((shares >= 0) & (shares <= 1))
   assert 0 < shares.min() and shares.max() < 1  # the bypass takes part of the attention
   np.testing.assert_allclose(np.asarray(itm), [r.rerank for r in results], atol=1e-3)
-  display = search_lib.PICTURE_MIN_FRAME_SIZE  # the 32 px frames are drawn 4x larger
+  display = search_explain.PICTURE_MIN_FRAME_SIZE  # the 32 px frames are drawn 4x larger
   for r, share in zip(results, shares):
     image = Image.open(r.picture)
     assert image.size == explain.picture_size(num_frames, display, display)
@@ -289,36 +290,36 @@ def test_explain_writes_a_picture_per_result(trained):
 
 
 def test_naive_attention_is_all_on_the_text(tmp_path):
+  from flax import nnx  # noqa: PLC0415
+  from t2v2t_jax import sharding as sharding_lib  # noqa: PLC0415
   from t2v2t_jax.models.t2v2t import create_model  # noqa: PLC0415
-  from t2v2t_jax.training import sharding as sharding_lib  # noqa: PLC0415
-  from t2v2t_jax.training import train_state as state_lib  # noqa: PLC0415
   config = tiny_config(str(tmp_path), mode="t2v2t_naive")
-  graphdef, params = state_lib.split_model(create_model(config.model))
+  graphdef, params = nnx.split(create_model(config.model), nnx.Param)
   mesh = sharding_lib.make_mesh(config.mesh)
   rng = np.random.default_rng(0)
   hidden = rng.normal(size=(1, 6, config.model.text.width)).astype(np.float32)
   mask = np.array([[1, 1, 1, 1, 0, 0]], np.int32)
   n = (config.model.vision.image_size // config.model.vision.patch_size) ** 2 + 1
   tokens = rng.normal(size=(2, 2, n, config.model.vision.width)).astype(np.float16)
-  shares, _ = search_lib.t2v_text_shares(params, graphdef, mesh, hidden, mask, tokens)
+  shares, _ = search_explain.text_shares(search_explain.attention_fn(graphdef), params, mesh,
+                                         hidden, mask, tokens)
   np.testing.assert_allclose(shares, np.ones((2, 2)), atol=1e-6)
 
 
 def test_explain_needs_a_t2v_mode(tmp_path, monkeypatch, capsys):
   """v2t has no T2V block: --explain says so and draws nothing; the search still runs."""
-  from t2v2t_jax.evaluation import evaluate as evaluate_lib  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from t2v2t_jax.checkpoints import restore  # noqa: PLC0415
   from t2v2t_jax.models.t2v2t import create_model  # noqa: PLC0415
-  from t2v2t_jax.training import sharding as sharding_lib  # noqa: PLC0415
-  from t2v2t_jax.training import train_state as state_lib  # noqa: PLC0415
   root = str(tmp_path / "data")
   synthetic.generate_dataset(root, num_train=2, num_val=2, num_test=2, size=32, num_frames=8)
   config = tiny_config(root, mode="v2t")
 
-  def random_params(config, workdir, purpose="Evaluating"):
-    graphdef, params = state_lib.split_model(create_model(config.model))
-    return params, graphdef, sharding_lib.make_mesh(config.mesh), 0
+  def random_params(config, workdir, mesh, purpose="Evaluating"):
+    graphdef, params = nnx.split(create_model(config.model), nnx.Param)
+    return params, graphdef, 0
 
-  monkeypatch.setattr(evaluate_lib, "load_params", random_params)
+  monkeypatch.setattr(restore, "load_params", random_params)
   workdir = str(tmp_path / "run")
   results = search_lib.search(config, workdir, "a red circle appears", top=2, explain=True,
                               progress=False)

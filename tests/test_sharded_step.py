@@ -15,14 +15,17 @@ SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     from configs import common
     from configs import webvid_pretrain
+    from t2v2t_jax import sharding
     from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
-    from t2v2t_jax.training import optimizer, sharding, train_state as S
+    from t2v2t_jax.models.t2v2t import abstract_params
+    from t2v2t_jax.training import optimizer, train_state as S, train_step as T
 
     assert jax.device_count() == 8, jax.devices()
-    config = webvid_pretrain.get_config("tiny")   # VTC + VTM + MLM, dropout on
+    config = webvid_pretrain.get_config("tiny")   # VTC + VTM + MLM, dropout on, remat
+    config.model.dtype = "float32"  # the 1e-5 bounds below are float32 arithmetic's
     mc = config.model
     tx = optimizer.make_optimizer(config.optimizer, 10)
-    graphdef = S.model_graphdef(mc)
+    graphdef, _ = abstract_params(mc)
     rng = np.random.default_rng(0)
     B, L = 8, 8
     ids = rng.integers(5, 100, (B, L)).astype(np.int32)
@@ -41,7 +44,7 @@ SCRIPT = textwrap.dedent(r"""
       abstract = S.abstract_state(mc, tx, 0)
       shardings = S.state_shardings(abstract, mesh)
       state = S.create_sharded_state(mc, tx, 0, shardings)
-      step = S.jit_train_step(S.make_train_step(
+      step = T.jit_train_step(T.make_train_step(
           graphdef, tx, loss_weights=dict(vtc=1.0, vtm=1.0, mlm=1.0), special_ids=special,
           temp_bounds=(0.001, 0.5)), shardings, mesh)
       gbatch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}

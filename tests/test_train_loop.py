@@ -1,7 +1,6 @@
 """The program users run: recipes, main.py errors, and exact resume after SIGKILL."""
 
 import glob
-import importlib
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from input_pipeline import synthetic
+from t2v2t_jax import recipes
 from t2v2t_jax.models.config import validate_model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ MODES = ["v2t", "t2v2t", "t2v2t_naive", "joint"]
 
 
 def load_recipe(name, arg=None):
-  return importlib.import_module(f"configs.{name}").get_config(arg)
+  return recipes.load_recipe(os.path.join(REPO, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 @pytest.fixture(scope="module")
@@ -151,17 +151,17 @@ def test_sigkill_then_rerun_resumes_exactly(synthetic_root, tmp_path):
 
 
 def test_resuming_with_changed_settings_names_them(tmp_path, capsys):
-  from t2v2t_jax.training import run_setup  # noqa: PLC0415
+  from t2v2t_jax.training import workdir as workdir_lib  # noqa: PLC0415
   config = load_recipe("demo", "tiny")
-  run_setup.save_config(config, str(tmp_path))
+  workdir_lib.save_config(config, str(tmp_path))
   # Resuming with the same settings says nothing.
-  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True) == []
+  assert workdir_lib.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True) == []
   old_lr, config.optimizer.lr = config.optimizer.lr, 0.125
   config.model.fusion.mode = "v2t"
   # No checkpoint yet: a new run in the same folder says nothing, whatever changed.
-  assert run_setup.warn_if_resuming_with_changes(config, str(tmp_path), resuming=False) == []
+  assert workdir_lib.warn_if_resuming_with_changes(config, str(tmp_path), resuming=False) == []
   assert capsys.readouterr().out == ""
-  diffs = run_setup.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True)
+  diffs = workdir_lib.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True)
   assert diffs == [("model.fusion.mode", "t2v2t", "v2t"), ("optimizer.lr", old_lr, 0.125)]
   out = capsys.readouterr().out
   assert f"model.fusion.mode ('t2v2t' -> 'v2t'), optimizer.lr ({old_lr!r} -> 0.125)" in out

@@ -1,5 +1,4 @@
-"""Clip transforms: crop parameters by hand, one crop and flip per clip, exact shapes and
-normalisation."""
+"""Clip transforms: crop parameters by hand, one crop and flip per clip, exact shapes."""
 
 import math
 
@@ -7,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline.transforms import (eval_transform, normalize, random_resized_crop_params,
-                                       resize_frames, train_transform)
+from input_pipeline.transforms import (eval_transform, random_resized_crop_params, resize_frames,
+                                       train_transform)
 
 
 class _ScriptedRng:
@@ -108,19 +107,3 @@ def test_eval_transform_shapes_and_values():
   assert resize_frames(clip, (10, 30)).shape == (3, 10, 30, 3)
   with pytest.raises(ValueError):
     eval_transform(clip.astype(np.float32), 24)
-
-
-def test_normalize_exact():
-  values = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16, 1).repeat(3, -1)
-  out = np.asarray(normalize(values))
-  assert out.dtype == np.float32 and out.shape == values.shape
-  expected = (values.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
-  np.testing.assert_array_equal(out, expected)
-  import jax  # pylint: disable=g-import-not-at-top
-  np.testing.assert_array_equal(np.asarray(jax.jit(normalize)(values)), expected)
-  assert out.min() == -1.0 and out.max() == 1.0
-  assert out.flat[0] == -1.0 and out.flat[3 * 51] == pytest.approx(-0.6, abs=1e-7)
-  bf16 = normalize(values, dtype="bfloat16")
-  assert str(bf16.dtype) == "bfloat16"
-  np.testing.assert_array_equal(np.asarray(bf16.astype("float32")),
-                                np.asarray(np.asarray(expected).astype(bf16.dtype).astype(np.float32)))

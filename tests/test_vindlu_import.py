@@ -15,13 +15,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from t2v2t_jax import convert  # noqa: E402
-from t2v2t_jax.checkpoints import hf_beit, vindlu  # noqa: E402
-from t2v2t_jax.checkpoints.params import assign_params  # noqa: E402
+from t2v2t_jax.checkpoints import hf_beit, restore, vindlu, vindlu_export, vindlu_keys  # noqa: E402
+from t2v2t_jax.checkpoints.params import assign_into  # noqa: E402
 from t2v2t_jax.checkpoints.safe_torch_load import UnsafeCheckpointError, safe_torch_load  # noqa: E402
 from t2v2t_jax.models import vision_encoder as ve  # noqa: E402
 from t2v2t_jax.models.config import model_config  # noqa: E402
 from t2v2t_jax.models.t2v2t import create_model  # noqa: E402
+from t2v2t_jax.recipes import load_recipe  # noqa: E402
 from t2v2t_jax.training import initialization  # noqa: E402
+from t2v2t_jax.tree_paths import flatten  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, VDEPTH, HEADS, MLP, PATCH, IMAGE = 32, 2, 2, 64, 16, 32       # vision 'test/16'
@@ -250,7 +252,7 @@ def test_roundtrip_accounts_for_every_key(tmp_path, naming):
   np.testing.assert_array_equal(values["fusion_encoder.layers.1.crossattention.key.kernel"],
                                 sd[pre + "encoder.layer.3.crossattention.self.key.weight"].numpy().T)
 
-  exported, xreport = vindlu.export_vindlu(values, naming=naming)
+  exported, xreport = vindlu_export.export_vindlu(values, naming=naming)
   assert_same_state(exported, sd)
   assert set(xreport.rebuilt) == expected_dropped(sd)
   assert set(xreport.not_exported) == new  # T2V (gates 0) and, fine-tune naming, the MLM head
@@ -258,7 +260,7 @@ def test_roundtrip_accounts_for_every_key(tmp_path, naming):
 
 def test_cli_roundtrip_through_orbax(tmp_path, capsys):
   recipe = os.path.join(REPO, "configs", "msrvtt_ft.py") + ":tiny"
-  cfg = convert.load_recipe(recipe)
+  cfg = load_recipe(recipe)
   m = cfg.model
   sd = make_vindlu_state("finetune", frames=m.vision.num_frames, image=m.vision.image_size,
                          vocab=m.text.vocab_size, embed=m.embed_dim)
@@ -271,8 +273,8 @@ def test_cli_roundtrip_through_orbax(tmp_path, capsys):
   assert os.path.exists(out_dir / convert.IMPORT_REPORT)
 
   # What --config.init_from=OUT_DIR reads equals what --config.init_from=IN.pth reads.
-  params = initialization.load_params_from(str(out_dir), cfg)
-  direct = initialization.load_params_from(str(src), cfg)
+  params = restore.params_from(str(out_dir), cfg.model)
+  direct = restore.params_from(str(src), cfg.model)
   assert "dropped" in capsys.readouterr().out  # the .pth path prints the table too
   assert set(params) == set(direct)
   for k, v in direct.items():
@@ -287,10 +289,11 @@ def test_init_from_pth_gives_new_params_the_runs_own_init(tmp_path, monkeypatch)
   """A run started with `init_from=X.pth`: VindLU's parameters come from the file, the
   T2V block (VindLU has none) keeps the run's own seeded init, and no second model is built."""
   from t2v2t_jax.models import t2v2t as t2v2t_lib  # noqa: PLC0415
-  from t2v2t_jax.training import checkpointing, sharding  # noqa: PLC0415
+  from t2v2t_jax import sharding  # noqa: PLC0415
+  from t2v2t_jax.checkpoints.run_checkpoints import Checkpointer  # noqa: PLC0415
   from t2v2t_jax.training import optimizer as optimizer_lib  # noqa: PLC0415
   from t2v2t_jax.training import train_state as state_lib  # noqa: PLC0415
-  cfg = convert.load_recipe(os.path.join(REPO, "configs", "msrvtt_ft.py") + ":tiny")
+  cfg = load_recipe(os.path.join(REPO, "configs", "msrvtt_ft.py") + ":tiny")
   m = cfg.model
   sd = make_vindlu_state("finetune", frames=m.vision.num_frames, image=m.vision.image_size,
                          vocab=m.text.vocab_size, embed=m.embed_dim)
@@ -303,9 +306,8 @@ def test_init_from_pth_gives_new_params_the_runs_own_init(tmp_path, monkeypatch)
   tx = optimizer_lib.make_optimizer(cfg.optimizer, 10)
   abstract = state_lib.abstract_state(m, tx, cfg.seed)
   shardings = state_lib.state_shardings(abstract, mesh)
-  fresh = initialization.flatten_tree(
-      state_lib.create_sharded_state(m, tx, cfg.seed, shardings)["params"])
-  from_file = initialization.load_params_from(str(src), cfg)
+  fresh = flatten(state_lib.create_sharded_state(m, tx, cfg.seed, shardings)["params"])
+  from_file = restore.params_from(str(src), cfg.model)
 
   real_create = t2v2t_lib.create_model
 
@@ -316,11 +318,11 @@ def test_init_from_pth_gives_new_params_the_runs_own_init(tmp_path, monkeypatch)
     return real_create(config, **kwargs)
   monkeypatch.setattr(t2v2t_lib, "create_model", no_second_model)
   state, source = initialization.initial_state(
-      cfg, ckpt=checkpointing.Checkpointer(str(tmp_path / "ckpt")), abstract=abstract,
+      cfg, ckpt=Checkpointer(str(tmp_path / "ckpt")), abstract=abstract,
       shardings=shardings, tx=tx, data_iter=None)
   assert source == f"initialised from {src}"
-  got = initialization.flatten_tree(state["params"])
-  assert set(got) == set(from_file) and any(vindlu._is_t2v(p) for p in report.new)
+  got = flatten(state["params"])
+  assert set(got) == set(from_file) and any(vindlu_keys.is_t2v(p) for p in report.new)
   assert any(not np.array_equal(fresh[p], from_file[p]) for p in report.new)  # seeds differ
   for path, value in got.items():
     want = fresh[path] if path in report.new else from_file[path]
@@ -368,7 +370,7 @@ def test_parity_with_transformers_bert_and_beit():
   model = create_model(cfg, seed=0)
   values, report = vindlu.import_vindlu(to_numpy(sd), cfg, model=model)
   assert report.naming == "pretrain" and report.new == []
-  assign_params(model, values)
+  assign_into(model, values)
 
   # BEiT: one frame (T=1: temporal blocks skipped) against BeitModel.
   rng = np.random.default_rng(0)
@@ -458,7 +460,7 @@ def test_extra_missing_and_misshapen_keys_are_named():
   state["text_encoder.bert.encoder.layer.0.attention.self.extra.weight"] = np.zeros((W, W), np.float32)
   del state["text_encoder.bert.encoder.layer.1.output.dense.bias"]
   state["vision_proj.weight"] = np.zeros((EMBED + 1, W), np.float32)
-  with pytest.raises(vindlu.VindluCheckpointError) as e:
+  with pytest.raises(vindlu_keys.VindluCheckpointError) as e:
     vindlu.import_vindlu(state, tiny_config("v2t"))
   msg = str(e.value)
   assert "unexpected source key 'text_encoder.bert.encoder.layer.0.attention.self.extra.weight'" in msg
@@ -472,13 +474,13 @@ def test_bad_buffers_mixed_naming_and_tied_mismatch_are_errors():
   key = "vision_encoder.encoder.layer.1.attention.attention.relative_position_bias.relative_position_index"
   state[key] = state[key][::-1].copy()
   state["text_encoder.cls.predictions.decoder.bias"] = state["text_encoder.cls.predictions.bias"] + 1
-  with pytest.raises(vindlu.VindluCheckpointError) as e:
+  with pytest.raises(vindlu_keys.VindluCheckpointError) as e:
     vindlu.import_vindlu(state, tiny_config("v2t"))
   assert key in str(e.value) and "'text_encoder.cls.predictions.decoder.bias' differs" in str(e.value)
 
   mixed = to_numpy(make_vindlu_state("pretrain"))
   mixed["text_encoder.embeddings.word_embeddings.weight"] = np.zeros((VOCAB, W), np.float32)
-  with pytest.raises(vindlu.VindluCheckpointError, match="mixes the pretrain naming"):
+  with pytest.raises(vindlu_keys.VindluCheckpointError, match="mixes the pretrain naming"):
     vindlu.import_vindlu(mixed, tiny_config("v2t"))
 
 
@@ -537,7 +539,7 @@ def test_t2v2t_with_zero_gates_scores_like_v2t():
     model = create_model(cfg, seed=5)
     values, report = vindlu.import_vindlu(state, cfg, model=model)
     assert bool(report.new) == (mode == "t2v2t")
-    assign_params(model, values)
+    assign_into(model, values)
     scores[mode] = retrieval_scores(model, frames, ids, mask)
   for a, b in zip(scores["v2t"], scores["t2v2t"]):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -547,8 +549,8 @@ def test_t2v2t_with_zero_gates_scores_like_v2t():
 def test_export_refuses_t2v_blocks_that_change_the_model():
   values, _ = vindlu.import_vindlu(to_numpy(make_vindlu_state("finetune")), tiny_config("t2v2t"))
   values["fusion_encoder.t2v.gate"] = np.asarray(0.5, np.float32)
-  with pytest.raises(vindlu.VindluCheckpointError, match=r"fusion_encoder\.t2v\.gate=0\.5"):
-    vindlu.export_vindlu(values)
-  exported, report = vindlu.export_vindlu(values, drop_t2v=True)
+  with pytest.raises(vindlu_keys.VindluCheckpointError, match=r"fusion_encoder\.t2v\.gate=0\.5"):
+    vindlu_export.export_vindlu(values)
+  exported, report = vindlu_export.export_vindlu(values, drop_t2v=True)
   assert "fusion_encoder.t2v.gate" in report.not_exported
   assert not any("t2v" in k for k in exported)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t2v2t_jax.checkpoints.params import assign_params, flatten_params
+from t2v2t_jax.checkpoints.params import assign_into, flatten_params
 from t2v2t_jax.models.config import model_config
 from t2v2t_jax.models.vision_encoder import (VideoEncoder, linear_resize_matrix,
                                              relative_position_index,
@@ -34,7 +34,7 @@ def randomize(encoder, seed=0, *, skip=("temporal.scale", "temporal_pos_embed"),
     noise = rng.normal(size=v.shape).astype(np.float32) * scale
     is_layer_norm_scale = k.endswith(".scale") and not k.endswith("temporal.scale")
     updates[k] = 1.0 + noise if is_layer_norm_scale else noise
-  assign_params(encoder, updates)
+  assign_into(encoder, updates)
   return encoder
 
 
@@ -99,7 +99,7 @@ def test_video_equals_per_frame_image_encoder_when_temporal_scale_zero(base_enco
     np.testing.assert_allclose(h[:, t], h1[:, 0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(pooled[:, t], p1[:, 0], atol=1e-5, rtol=1e-5)
   # A non-zero temporal scale makes frames interact (the temporal path really runs at T>1)...
-  assign_params(enc, {f"layers.{i}.temporal.scale": np.float32(0.5) for i in range(2)})
+  assign_into(enc, {f"layers.{i}.temporal.scale": np.float32(0.5) for i in range(2)})
   h2, _ = forward(enc, x)
   assert float(jnp.abs(h2 - h).max()) > 1e-3
   # ... but not at T == 1, where the temporal blocks are skipped.
@@ -123,7 +123,7 @@ def test_temporal_position_embedding_slice_and_interpolate(base_encoder):
   x2, x6 = frames(1, 2), frames(1, 6)
   base2 = enc.embeddings(x2, deterministic=True, rngs=None)
   base6 = enc.embeddings(x6, deterministic=True, rngs=None)
-  assign_params(enc, {"embeddings.temporal_pos_embed": emb})
+  assign_into(enc, {"embeddings.temporal_pos_embed": emb})
   np.testing.assert_allclose(enc.embeddings(x2, deterministic=True, rngs=None) - base2,
                              np.broadcast_to(emb[:, :2], base2.shape), atol=1e-5)
   interp = np.einsum("ts,bsnd->btnd", linear_resize_matrix(4, 6), emb)
@@ -222,7 +222,7 @@ def test_resize_relative_position_table_matches_torch_bilinear():
 def test_remat_same_outputs_and_gradients(base_encoder):
   plain = clone(base_encoder)
   # A non-zero temporal scale, so that temporal-block gradients are non-zero too.
-  assign_params(plain, {f"layers.{i}.temporal.scale": np.float32(0.3) for i in range(2)})
+  assign_into(plain, {f"layers.{i}.temporal.scale": np.float32(0.3) for i in range(2)})
   models = [plain, clone(plain, remat=True)]
   x = frames(2, 2)
   # Training mode (dropout and drop path active, same dropout seed): the rematerialised
@@ -278,7 +278,7 @@ def test_temporal_block_matches_per_position_numpy_reference():
              for k, v in flatten_params(block).items()}
   updates["norm.scale"] = 1.0 + updates["norm.scale"]
   updates["scale"] = np.float32(0.7)
-  assign_params(block, updates)
+  assign_into(block, updates)
   x = rng.normal(size=(b, t, n, d)).astype(np.float32)
   got = np.asarray(block(jnp.asarray(x), drop_path_rate=0.0, deterministic=True, rngs=None))
 

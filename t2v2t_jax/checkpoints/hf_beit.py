@@ -31,98 +31,27 @@ encoder.layer.{i}.lambda_{1,2}                           -> layers.{i}.lambda_{1
 pooler.layernorm.{weight,bias}                           -> pooler_norm.{scale,bias}
 ```
 
-The key map is a list of `KeyMapping(source, target, transform)` built per part
-(`beit_embedding_key_map`, `beit_layer_key_map`, `beit_pooler_key_map`) with prefixes as
-arguments, so the VindLU importer reuses it with `vision_encoder.` prefixes and adds its
-temporal keys (the `in_proj_q/k/v` and `temporal_*` transforms exist for that).
+The key map is a list of `KeyMapping(source, target, transform)` rows (`key_mapping.py`)
+built per part (`beit_embedding_key_map`, `beit_layer_key_map`, `beit_pooler_key_map`)
+with prefixes as arguments, so the VindLU importer reuses it with `vision_encoder.`
+prefixes and adds its temporal keys.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
-from t2v2t_jax.checkpoints.params import assign_params, param_shapes
-from t2v2t_jax.models.vision_encoder import (resize_relative_position_table,
-                                             resize_temporal_embedding)
+from t2v2t_jax.checkpoints.hf_files import read_hf_checkpoint
+from t2v2t_jax.checkpoints.import_report import ImportReport
+from t2v2t_jax.checkpoints.key_mapping import (KeyMapping, apply_transform, infer_square_grid,
+                                               layer_norm, linear)
+from t2v2t_jax.checkpoints.params import assign_into, param_shapes
 
 # ----------------------------------------------------------------------------------------
-# Key mapping (reusable by other importers).
+# Key map (the VindLU importer reuses it with prefixes).
 # ----------------------------------------------------------------------------------------
-
-TRANSFORMS = ("copy", "linear", "conv", "rel_pos_table", "in_proj_q", "in_proj_k", "in_proj_v",
-              "temporal_interpolate", "temporal_zero_pad")
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyMapping:
-  """One source tensor -> one of our params. A source key may appear in several mappings
-  (a shared relative position table; a packed q/k/v projection)."""
-  source: str
-  target: str
-  transform: str = "copy"
-
-  def __post_init__(self):
-    if self.transform not in TRANSFORMS:
-      raise ValueError(f"unknown transform {self.transform!r} for {self.source!r}")
-
-
-def infer_square_grid(table_rows: int) -> int:
-  """Patch grid side g of a square BEiT relative position table with (2g-1)^2 + 3 rows."""
-  side = math.isqrt(table_rows - 3) if table_rows > 3 else 0
-  if side * side != table_rows - 3 or side % 2 == 0:
-    raise ValueError(f"a relative position table with {table_rows} rows is not (2g-1)^2 + 3 "
-                     "for any grid g; pass the source grid explicitly")
-  return (side + 1) // 2
-
-
-def apply_transform(kind: str, array, *, target_shape: Sequence[int] | None = None,
-                    src_grid=None, dst_grid=None) -> np.ndarray:
-  """Turn a PyTorch-layout source tensor into our layout.
-
-  copy: as is. linear: `[out, in] -> [in, out]`. conv: `[O, I, kh, kw] -> [kh, kw, I, O]`.
-  rel_pos_table: resized from `src_grid` (default: inferred, square) to `dst_grid`
-  (default: inferred from `target_shape`). in_proj_{q,k,v}: the q/k/v third of a packed
-  `nn.MultiheadAttention` `in_proj_weight [3D, D]` (then transposed) or `in_proj_bias [3D]`.
-  temporal_interpolate / temporal_zero_pad: `resize_temporal_embedding` to `target_shape[1]`.
-  """
-  a = np.asarray(array)
-  if kind == "copy":
-    return a
-  if kind == "linear":
-    if a.ndim != 2:
-      raise ValueError(f"linear weight must be 2-D, got shape {a.shape}")
-    return a.T
-  if kind == "conv":
-    if a.ndim != 4:
-      raise ValueError(f"conv weight must be [O, I, kh, kw], got shape {a.shape}")
-    return a.transpose(2, 3, 1, 0)
-  if kind == "rel_pos_table":
-    src = src_grid if src_grid is not None else infer_square_grid(a.shape[0])
-    if dst_grid is None:
-      if target_shape is None:
-        raise ValueError("rel_pos_table needs dst_grid or target_shape")
-      dst_grid = infer_square_grid(target_shape[0])
-    return resize_relative_position_table(a, src, dst_grid)
-  if kind.startswith("in_proj_"):
-    which = "qkv".index(kind[-1])
-    if a.shape[0] % 3:
-      raise ValueError(f"packed in_proj tensor of shape {a.shape} is not 3 x width")
-    n = a.shape[0] // 3
-    part = a[which * n:(which + 1) * n]
-    return part.T if part.ndim == 2 else part
-  if kind in ("temporal_interpolate", "temporal_zero_pad"):
-    if target_shape is None:
-      raise ValueError(f"{kind} needs target_shape")
-    return resize_temporal_embedding(a, int(target_shape[1]), kind[len("temporal_"):])
-  raise ValueError(f"unknown transform {kind!r}")
-
 
 def beit_embedding_key_map(src: str = "embeddings.", dst: str = "embeddings.") -> list[KeyMapping]:
   """CLS token and patch embedding (no absolute position embedding in our model)."""
@@ -133,17 +62,6 @@ def beit_embedding_key_map(src: str = "embeddings.", dst: str = "embeddings.") -
   ]
 
 
-def _linear(src: str, dst: str, bias: bool = True) -> list[KeyMapping]:
-  out = [KeyMapping(f"{src}.weight", f"{dst}.kernel", "linear")]
-  if bias:
-    out.append(KeyMapping(f"{src}.bias", f"{dst}.bias"))
-  return out
-
-
-def _layer_norm(src: str, dst: str) -> list[KeyMapping]:
-  return [KeyMapping(f"{src}.weight", f"{dst}.scale"), KeyMapping(f"{src}.bias", f"{dst}.bias")]
-
-
 def beit_layer_key_map(src: str, dst: str, *, relative_position_table: bool = True
                        ) -> list[KeyMapping]:
   """One BEiT layer, e.g. `src='encoder.layer.3.'`, `dst='layers.3.'` (temporal block excluded).
@@ -152,24 +70,24 @@ def beit_layer_key_map(src: str, dst: str, *, relative_position_table: bool = Tr
   map `encoder.relative_position_bias...` to every layer instead).
   """
   m = []
-  m += _linear(f"{src}attention.attention.query", f"{dst}attention.query")
-  m += _linear(f"{src}attention.attention.key", f"{dst}attention.key", bias=False)
-  m += _linear(f"{src}attention.attention.value", f"{dst}attention.value")
+  m += linear(f"{src}attention.attention.query", f"{dst}attention.query")
+  m += linear(f"{src}attention.attention.key", f"{dst}attention.key", bias=False)
+  m += linear(f"{src}attention.attention.value", f"{dst}attention.value")
   if relative_position_table:
     m.append(KeyMapping(
         f"{src}attention.attention.relative_position_bias.relative_position_bias_table",
         f"{dst}relative_position_bias.table", "rel_pos_table"))
-  m += _linear(f"{src}attention.output.dense", f"{dst}attention_output")
-  m += _layer_norm(f"{src}layernorm_before", f"{dst}layernorm_before")
-  m += _layer_norm(f"{src}layernorm_after", f"{dst}layernorm_after")
-  m += _linear(f"{src}intermediate.dense", f"{dst}ffn.intermediate")
-  m += _linear(f"{src}output.dense", f"{dst}ffn.output")
+  m += linear(f"{src}attention.output.dense", f"{dst}attention_output")
+  m += layer_norm(f"{src}layernorm_before", f"{dst}layernorm_before")
+  m += layer_norm(f"{src}layernorm_after", f"{dst}layernorm_after")
+  m += linear(f"{src}intermediate.dense", f"{dst}ffn.intermediate")
+  m += linear(f"{src}output.dense", f"{dst}ffn.output")
   m += [KeyMapping(f"{src}lambda_1", f"{dst}lambda_1"), KeyMapping(f"{src}lambda_2", f"{dst}lambda_2")]
   return m
 
 
 def beit_pooler_key_map(src: str = "pooler.layernorm", dst: str = "pooler_norm") -> list[KeyMapping]:
-  return _layer_norm(src, dst)
+  return layer_norm(src, dst)
 
 
 SHARED_TABLE_KEY = "encoder.relative_position_bias.relative_position_bias_table"
@@ -194,21 +112,22 @@ def is_temporal_param(path: str) -> bool:
   return ".temporal." in f".{path}" or path.endswith("temporal_pos_embed")
 
 
-# Keys deliberately not imported. Matched against the key after the `beit.` prefix is
-# removed (`within`) or against the full key (`top`: heads outside the BEiT backbone).
-DROPPED_KEY_PATTERNS_WITHIN = (
-    r"(^|\.)relative_position_index$",   # int buffer, rebuilt from the input grid
-    r"^embeddings\.mask_token$",         # masked image modelling only
-)
-DROPPED_KEY_PATTERNS_TOP = (
-    r"^classifier\.",                    # BeitForImageClassification head
-    r"^lm_head\.",                       # BeitForMaskedImageModeling head
-    r"^(fpn[1-4]|decode_head|auxiliary_head)\.",  # BeitForSemanticSegmentation heads
-)
+# Keys deliberately not imported, with the reason. Matched against the key after the
+# `beit.` prefix is removed (`within`) or against the full key (`top`: heads outside the
+# BEiT backbone).
+DROPPED_KEY_PATTERNS_WITHIN = {
+    r"(^|\.)relative_position_index$": "int buffer, rebuilt from the input grid",
+    r"^embeddings\.mask_token$": "masked image modelling only",
+}
+DROPPED_KEY_PATTERNS_TOP = {
+    r"^classifier\.": "BeitForImageClassification head",
+    r"^lm_head\.": "BeitForMaskedImageModeling head",
+    r"^(fpn[1-4]|decode_head|auxiliary_head)\.": "BeitForSemanticSegmentation heads",
+}
 
 
 # ----------------------------------------------------------------------------------------
-# Reading a checkpoint.
+# Key names of transformers >= 5.
 # ----------------------------------------------------------------------------------------
 
 _V5_RENAMES = (  # transformers >= 5 in-memory names -> legacy (on-disk) names
@@ -235,94 +154,6 @@ def legacy_key(key: str, prefix: str = "") -> str:
     if n:
       return prefix + new
   return key
-
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-
-
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  out = {}
-  try:
-    with safe_open(path, framework="numpy") as f:
-      for k in f.keys():
-        v = f.get_tensor(k)
-        out[k] = v.astype(np.float32) if v.dtype.name in ("bfloat16", "float16") else v
-  except (TypeError, ValueError):  # e.g. bfloat16 without numpy support: read through JAX
-    from safetensors.flax import load_file
-    out = {k: np.asarray(v.astype("float32") if str(v.dtype) == "bfloat16" else v)
-           for k, v in load_file(path).items()}
-  return out
-
-
-def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
-  import torch  # lazily: only for .bin/.pth checkpoints
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(sd, Mapping):
-    raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-  out = {}
-  for k, v in sd.items():
-    if not isinstance(v, torch.Tensor):
-      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    v = v.detach().cpu()
-    if v.dtype in (torch.bfloat16, torch.float16):
-      v = v.to(torch.float32)
-    out[k] = v.numpy()
-  return out
-
-
-def _load_weights_file(path: str) -> dict[str, np.ndarray]:
-  if path.endswith(".index.json"):
-    with open(path) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    folder = os.path.dirname(path)
-    out = {}
-    for shard in shards:
-      out.update(_load_weights_file(os.path.join(folder, shard)))
-    return out
-  if path.endswith(".safetensors"):
-    return _load_safetensors(path)
-  return _load_torch_bin(path)
-
-
-def _download(name: str) -> str:
-  from huggingface_hub import snapshot_download  # lazily: only for hub names
-  folder = snapshot_download(name, allow_patterns=["config.json", "model.safetensors",
-                                                   "model.safetensors.index.json",
-                                                   "model-*.safetensors"])
-  if not any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES[:2]):
-    folder = snapshot_download(name, allow_patterns=["config.json", "pytorch_model.bin",
-                                                     "pytorch_model.bin.index.json",
-                                                     "pytorch_model-*.bin"])
-  return folder
-
-
-def read_hf_checkpoint(folder_or_name: str) -> tuple[dict | None, dict[str, np.ndarray], str]:
-  """`(config dict or None, {key: numpy array}, description)` of a HF-format checkpoint.
-
-  Accepts a folder (config.json + weights, safetensors preferred), a single weights file
-  (config.json beside it is read if present), or a hub repository name.
-  """
-  path = os.fspath(folder_or_name)
-  if not os.path.exists(path):
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-      raise FileNotFoundError(f"no checkpoint at {path!r}")
-    path = _download(path)
-  if os.path.isdir(path):
-    folder = path
-    weights = next((os.path.join(path, f) for f in WEIGHT_FILES
-                    if os.path.exists(os.path.join(path, f))), None)
-    if weights is None:
-      raise FileNotFoundError(f"{path!r} holds none of {WEIGHT_FILES}")
-  else:
-    folder, weights = os.path.dirname(path), path
-  config = None
-  config_path = os.path.join(folder, "config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      config = json.load(f)
-  return config, _load_weights_file(weights), weights
 
 
 # ----------------------------------------------------------------------------------------
@@ -381,29 +212,15 @@ class CheckpointMismatchError(ValueError):
   """Unexpected source keys, missing source keys, or an incompatible architecture."""
 
 
-@dataclasses.dataclass
-class ImportReport:
-  source: str
-  prefix: str
-  loaded: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (source, ours)
-  dropped: list[str] = dataclasses.field(default_factory=list)
-  new_params: list[str] = dataclasses.field(default_factory=list)
-  resized: list[str] = dataclasses.field(default_factory=list)
-  warnings: list[str] = dataclasses.field(default_factory=list)
-
-  def summary(self) -> str:
-    lines = [f"imported {len(self.loaded)} tensors from {self.source} (prefix {self.prefix!r})",
-             f"dropped {len(self.dropped)} source keys: {', '.join(self.dropped) or '-'}",
-             f"newly initialised {len(self.new_params)} params: {', '.join(self.new_params) or '-'}"]
-    lines += [f"resized: {r}" for r in self.resized]
-    lines += [f"warning: {w}" for w in self.warnings]
-    return "\n".join(lines)
-
-  __str__ = summary
-
-
-def _matches(key: str, patterns: Sequence[str]) -> bool:
-  return any(re.search(p, key) for p in patterns)
+def _dropped_reason(key: str, prefix: str) -> str | None:
+  for pattern, reason in DROPPED_KEY_PATTERNS_TOP.items():
+    if re.search(pattern, key):
+      return reason
+  if key.startswith(prefix):
+    for pattern, reason in DROPPED_KEY_PATTERNS_WITHIN.items():
+      if re.search(pattern, key[len(prefix):]):
+        return reason
+  return None
 
 
 def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
@@ -421,10 +238,10 @@ def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
   Returns:
     An `ImportReport`. Raises `CheckpointMismatchError` naming every unexpected source
     key, every missing source key, or an architecture mismatch; parameter shape problems
-    raise `ParamAssignError`. Nothing is written unless all checks pass.
+    raise `params.ParamAssignError`. Nothing is written unless all checks pass.
   """
   config, tensors, source = read_hf_checkpoint(folder_or_name)
-  report = ImportReport(source=source, prefix="")
+  report = ImportReport(kind="BEiT", source=source)
 
   if prefix is None:
     prefix = "beit." if any(k.startswith("beit.") for k in tensors) else ""
@@ -460,14 +277,13 @@ def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
   mapped_sources = {m.source for m in mapping}
   name = lambda k: original.get(k, k)  # noqa: E731
 
-  unexpected, dropped = [], []
+  unexpected, dropped = [], {}
   for k in sorted(tensors):
     if k in mapped_sources:
       continue
-    within = k[len(prefix):] if k.startswith(prefix) else None
-    if (within is not None and _matches(within, DROPPED_KEY_PATTERNS_WITHIN)) or \
-        _matches(k, DROPPED_KEY_PATTERNS_TOP):
-      dropped.append(name(k))
+    reason = _dropped_reason(k, prefix)
+    if reason is not None:
+      dropped[name(k)] = reason
     else:
       unexpected.append(name(k))
   missing = [f"{m.source} (for {m.target})" for m in mapping if m.source not in tensors]
@@ -499,7 +315,7 @@ def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
     updates[m.target] = value
     names[m.target] = name(m.source)
     report.loaded.append((name(m.source), m.target))
-  assign_params(encoder, updates, source_names=names)
+  assign_into(encoder, updates, source=source, source_names=names)
   report.dropped = dropped
-  report.new_params = sorted(p for p in shapes if p not in updates)
+  report.new = sorted(p for p in shapes if p not in updates)
   return report

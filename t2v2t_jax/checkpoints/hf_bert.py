@@ -9,24 +9,24 @@ purpose and listed. Any other source key that nothing consumes, and any of our p
 that should come from the source but does not, is an error naming it (SPEC 9: a loader
 that silently drops keys evaluates a random model).
 
-The mapping is a table of `Rule(source, target, transform, group)` rows (`bert_rules`):
-`source` is relative to a BertModel (`embeddings.*`, `encoder.layer.{i}.*`) or to the
-MLM head (`cls.predictions.*`); `target` is relative to the T2V2T model
-(`text_encoder.*`, `fusion_encoder.*`), so a VindLU importer can prepend its own source
-prefixes (`text_encoder.bert.`, `text_encoder.`) and reuse the rows unchanged.
+The mapping is a table of `KeyMapping(source, target, transform, group)` rows
+(`bert_rules`, `key_mapping.py`): `source` is relative to a BertModel (`embeddings.*`,
+`encoder.layer.{i}.*`) or to the MLM head (`cls.predictions.*`); `target` is relative to
+the T2V2T model (`text_encoder.*`, `fusion_encoder.*`), so a VindLU importer can prepend
+its own source prefixes (`text_encoder.bert.`, `text_encoder.`) and reuse the rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import numpy as np
 
-from t2v2t_jax.checkpoints.params import assign_params, param_shapes
+from t2v2t_jax.checkpoints.hf_files import read_hf_checkpoint
+from t2v2t_jax.checkpoints.import_report import ImportReport
+from t2v2t_jax.checkpoints.key_mapping import (REQUIRED, KeyMapping, apply_transform, layer_norm,
+                                               linear)
+from t2v2t_jax.checkpoints.params import assign_into, param_shapes
 
 TEXT, FUSION = "text_encoder", "fusion_encoder"
 
@@ -35,75 +35,48 @@ class BertImportError(ValueError):
   """Missing, unexpected or mismatching weights in a BERT import."""
 
 
-def identity(x: np.ndarray) -> np.ndarray:
-  return x
-
-
-def linear_kernel(w: np.ndarray) -> np.ndarray:
-  """PyTorch Linear weight [out, in] -> Flax kernel [in, out]."""
-  return np.ascontiguousarray(np.asarray(w).T)
-
-
-class Rule(NamedTuple):
-  source: str        # source key, e.g. 'encoder.layer.3.attention.self.query.weight'
-  target: str        # our path, e.g. 'text_encoder.layers.3.attention.query.kernel'
-  transform: Callable[[np.ndarray], np.ndarray]
-  group: str         # 'required', or an optional group loaded all-or-nothing
-
-
-def _linear(src: str, dst: str, group: str) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}.kernel", linear_kernel, group),
-          Rule(f"{src}.bias", f"{dst}.bias", identity, group)]
-
-
-def _norm(src: str, dst: str, group: str) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}.scale", identity, group),
-          Rule(f"{src}.bias", f"{dst}.bias", identity, group)]
-
-
-def embedding_rules() -> list[Rule]:
-  g = "required"
+def embedding_rules() -> list[KeyMapping]:
   return [
-      Rule("embeddings.word_embeddings.weight", f"{TEXT}.embeddings.word_embeddings.embedding", identity, g),
-      Rule("embeddings.position_embeddings.weight", f"{TEXT}.embeddings.position_embeddings.embedding", identity, g),
-      Rule("embeddings.token_type_embeddings.weight", f"{TEXT}.embeddings.token_type_embeddings.embedding", identity, g),
-      *_norm("embeddings.LayerNorm", f"{TEXT}.embeddings.layer_norm", g),
+      KeyMapping("embeddings.word_embeddings.weight", f"{TEXT}.embeddings.word_embeddings.embedding"),
+      KeyMapping("embeddings.position_embeddings.weight", f"{TEXT}.embeddings.position_embeddings.embedding"),
+      KeyMapping("embeddings.token_type_embeddings.weight", f"{TEXT}.embeddings.token_type_embeddings.embedding"),
+      *layer_norm("embeddings.LayerNorm", f"{TEXT}.embeddings.layer_norm"),
   ]
 
 
-def layer_rules(src: str, dst: str) -> list[Rule]:
+def layer_rules(src: str, dst: str) -> list[KeyMapping]:
   """Self-attention + FFN of one BERT layer: `src`='encoder.layer.{i}', `dst`=our layer path."""
-  g = "required"
   return [
-      *_linear(f"{src}.attention.self.query", f"{dst}.attention.query", g),
-      *_linear(f"{src}.attention.self.key", f"{dst}.attention.key", g),
-      *_linear(f"{src}.attention.self.value", f"{dst}.attention.value", g),
-      *_linear(f"{src}.attention.output.dense", f"{dst}.attention_output.dense", g),
-      *_norm(f"{src}.attention.output.LayerNorm", f"{dst}.attention_output.layer_norm", g),
-      *_linear(f"{src}.intermediate.dense", f"{dst}.ffn.intermediate", g),
-      *_linear(f"{src}.output.dense", f"{dst}.ffn.output", g),
-      *_norm(f"{src}.output.LayerNorm", f"{dst}.ffn_layer_norm", g),
+      *linear(f"{src}.attention.self.query", f"{dst}.attention.query"),
+      *linear(f"{src}.attention.self.key", f"{dst}.attention.key"),
+      *linear(f"{src}.attention.self.value", f"{dst}.attention.value"),
+      *linear(f"{src}.attention.output.dense", f"{dst}.attention_output.dense"),
+      *layer_norm(f"{src}.attention.output.LayerNorm", f"{dst}.attention_output.layer_norm"),
+      *linear(f"{src}.intermediate.dense", f"{dst}.ffn.intermediate"),
+      *linear(f"{src}.output.dense", f"{dst}.ffn.output"),
+      *layer_norm(f"{src}.output.LayerNorm", f"{dst}.ffn_layer_norm"),
   ]
 
 
-def cross_attention_rules(src: str, dst: str) -> list[Rule]:
+def cross_attention_rules(src: str, dst: str) -> list[KeyMapping]:
   """VindLU/ALBEF cross-attention of a fusion layer (absent from plain BERT: optional)."""
   g = f"{src}.crossattention"
   return [
-      *_linear(f"{src}.crossattention.self.query", f"{dst}.crossattention.query", g),
-      *_linear(f"{src}.crossattention.self.key", f"{dst}.crossattention.key", g),
-      *_linear(f"{src}.crossattention.self.value", f"{dst}.crossattention.value", g),
-      *_linear(f"{src}.crossattention.output.dense", f"{dst}.crossattention_output.dense", g),
-      *_norm(f"{src}.crossattention.output.LayerNorm", f"{dst}.crossattention_output.layer_norm", g),
+      *linear(f"{src}.crossattention.self.query", f"{dst}.crossattention.query", group=g),
+      *linear(f"{src}.crossattention.self.key", f"{dst}.crossattention.key", group=g),
+      *linear(f"{src}.crossattention.self.value", f"{dst}.crossattention.value", group=g),
+      *linear(f"{src}.crossattention.output.dense", f"{dst}.crossattention_output.dense", group=g),
+      *layer_norm(f"{src}.crossattention.output.LayerNorm", f"{dst}.crossattention_output.layer_norm",
+                  group=g),
   ]
 
 
-def mlm_rules() -> list[Rule]:
+def mlm_rules() -> list[KeyMapping]:
   g = "cls.predictions"
   return [
-      *_linear("cls.predictions.transform.dense", f"{TEXT}.mlm_head.dense", g),
-      *_norm("cls.predictions.transform.LayerNorm", f"{TEXT}.mlm_head.layer_norm", g),
-      Rule("cls.predictions.bias", f"{TEXT}.mlm_head.bias", identity, g),
+      *linear("cls.predictions.transform.dense", f"{TEXT}.mlm_head.dense", group=g),
+      *layer_norm("cls.predictions.transform.LayerNorm", f"{TEXT}.mlm_head.layer_norm", group=g),
+      KeyMapping("cls.predictions.bias", f"{TEXT}.mlm_head.bias", "copy", g),
   ]
 
 
@@ -122,7 +95,7 @@ DROPPED_PREFIXES = {
 
 
 def bert_rules(num_text_layers: int, num_fusion_layers: int, *,
-               cross_attention: bool = False, mlm: bool = True) -> list[Rule]:
+               cross_attention: bool = False, mlm: bool = True) -> list[KeyMapping]:
   """The full table: BERT layer i < num_text_layers -> text_encoder.layers.i, the next
   num_fusion_layers -> fusion_encoder.layers.(i - num_text_layers)."""
   rules = embedding_rules()
@@ -141,60 +114,12 @@ def bert_rules(num_text_layers: int, num_fusion_layers: int, *,
 
 # -- reading a Hugging Face folder -----------------------------------------------------------
 
-def resolve_folder(folder_or_name: str) -> str:
-  """A local folder as is; otherwise a hub name fetched with huggingface_hub."""
-  if os.path.isdir(folder_or_name):
-    return folder_or_name
-  try:
-    from huggingface_hub import snapshot_download  # lazy: only for hub names
-  except ImportError as e:
-    raise FileNotFoundError(f"{folder_or_name!r} is not a folder and huggingface_hub is not "
-                            "installed to download it") from e
-  return snapshot_download(folder_or_name, allow_patterns=[
-      "config.json", "model.safetensors", "model.safetensors.index.json",
-      "model-*.safetensors", "pytorch_model.bin"])
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-  import torch  # lazy
-  tensor = tensor.detach().cpu()
-  if tensor.dtype == torch.bfloat16:
-    tensor = tensor.float()
-  return tensor.numpy()
-
-
 def read_hf_bert(folder_or_name: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json as a dict, {source key: numpy array}) from a folder or a hub name.
-
-  Weights: model.safetensors (or its sharded index) read with safetensors.numpy, else
-  pytorch_model.bin via torch.load(weights_only=True).
-  """
-  folder = resolve_folder(folder_or_name)
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"no config.json in {folder}")
-  with open(config_path) as f:
-    hf_config = json.load(f)
-
-  single = os.path.join(folder, "model.safetensors")
-  index = os.path.join(folder, "model.safetensors.index.json")
-  torch_bin = os.path.join(folder, "pytorch_model.bin")
-  if os.path.exists(single) or os.path.exists(index):
-    from safetensors.numpy import load_file
-    if os.path.exists(single):
-      files = [single]
-    else:
-      with open(index) as f:
-        files = sorted({os.path.join(folder, s) for s in json.load(f)["weight_map"].values()})
-    state = {}
-    for path in files:
-      state.update(load_file(path))
-  elif os.path.exists(torch_bin):
-    import torch  # lazy: only for .bin checkpoints
-    loaded = torch.load(torch_bin, map_location="cpu", weights_only=True)
-    state = {k: _torch_to_numpy(v) for k, v in loaded.items()}
-  else:
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+  """(config.json as a dict, {source key: numpy array}) from a folder or a hub name
+  (`hf_files.read_hf_checkpoint`; a BERT import needs the config)."""
+  hf_config, state, weights = read_hf_checkpoint(folder_or_name)
+  if hf_config is None:
+    raise FileNotFoundError(f"no config.json beside {weights}")
   return hf_config, state
 
 
@@ -251,21 +176,6 @@ def text_config_from_hf(hf_config: dict, fusion_layer: int | None) -> dict:
 
 
 # -- import ------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ImportReport:
-  """What an import did. Paths are prefixed `text_encoder.` / `fusion_encoder.`."""
-  source: str
-  loaded: dict[str, str]     # our path -> source key
-  new: list[str]             # our params left as initialised (cross-attention, T2V, ...)
-  dropped: dict[str, str]    # source key -> reason
-  tied: dict[str, str]       # source key -> the source key it was checked equal to
-
-  def summary(self) -> str:
-    return (f"BERT import from {self.source}: {len(self.loaded)} tensors loaded, "
-            f"{len(self.new)} new, {len(self.dropped)} source keys dropped "
-            f"({', '.join(sorted(self.dropped)) or 'none'}), {len(self.tied)} tied keys checked")
-
 
 def _expected_new(path: str, has_mlm: bool) -> bool:
   """Our params that plain BERT does not provide."""
@@ -339,7 +249,7 @@ def _surplus_layers(state: Mapping[str, np.ndarray], num_layers: int) -> dict[st
 
 
 def import_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndarray],
-                      rules: list[Rule], *, source: str, dropped_prefixes: Mapping[str, str],
+                      rules: list[KeyMapping], *, source: str, dropped_prefixes: Mapping[str, str],
                       tied_keys: Mapping[str, str], expected_new: Callable[[str], bool],
                       extra_dropped: Mapping[str, str] | None = None) -> ImportReport:
   """Apply a rule table; generic over owners (`{'text_encoder': module, ...}`, None = absent).
@@ -358,10 +268,10 @@ def import_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndar
     if modules.get(owner) is None:
       continue
     if rule.source not in state:
-      if rule.group == "required" or rule.group in present_groups:
+      if rule.group == REQUIRED or rule.group in present_groups:
         problems.append(f"missing source key {rule.source!r} (for {rule.target})")
       continue
-    updates[owner][path] = rule.transform(state[rule.source])
+    updates[owner][path] = apply_transform(rule.transform, state[rule.source])
     consumed.add(rule.source)
     loaded[rule.target] = rule.source
 
@@ -409,5 +319,6 @@ def import_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndar
     raise BertImportError(f"cannot import {source}:\n  " + "\n  ".join(problems))
   for owner, updates_for_owner in updates.items():
     names = {p: loaded[f"{owner}.{p}"] for p in updates_for_owner}
-    assign_params(modules[owner], updates_for_owner, source_names=names)
-  return ImportReport(source=source, loaded=loaded, new=new, dropped=dropped, tied=tied)
+    assign_into(modules[owner], updates_for_owner, source=source, source_names=names)
+  return ImportReport(kind="BERT", source=source, loaded=[(s, t) for t, s in loaded.items()],
+                      new=new, dropped=dropped, tied=tied)

@@ -1,76 +1,98 @@
-"""Generic helpers to read and write the parameters of a Flax NNX module by dotted path.
+"""Parameters by dotted path: read them, and write `{path: array}` into them.
 
 Paths join the attribute names and list indices of a module with dots, e.g.
-`layers.0.attention.query.kernel`. Only `nnx.Param` variables are addressed (no RNG state,
-no batch statistics). Importers build a `{path: numpy array}` dict and hand it to
-`assign_params`, which checks every path and shape before touching the module, so a
-failed import leaves the module unchanged.
+`layers.0.attention.query.kernel` (`t2v2t_jax.tree_paths`). Only `nnx.Param` variables
+are addressed (no RNG state). Every source of parameters (a Hugging Face or VindLU
+import, another run's checkpoint, a converted folder) ends in `{path: array}` and goes
+through `assign`, which checks every path and shape before building anything, so a
+failed assignment leaves the parameters as they were.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
+from t2v2t_jax import tree_paths
+from t2v2t_jax.models import vision_encoder
 
-def path_to_str(path: Iterable) -> str:
-  return ".".join(str(p) for p in path)
-
-
-def _flat_params(module: nnx.Module) -> dict[str, tuple[tuple, nnx.Variable]]:
-  state = nnx.state(module, nnx.Param)
-  return {path_to_str(path): (tuple(path), var) for path, var in nnx.to_flat_state(state)}
+TEMPORAL_EMBEDDING_SUFFIX = "temporal_pos_embed"
+_LISTED = 20  # names listed per kind of problem
 
 
-def flatten_params(module: nnx.Module) -> dict[str, jnp.ndarray]:
+class ParamAssignError(ValueError):
+  """Paths that do not exist or are missing, or shapes that do not match, when assigning."""
+
+
+def flatten_params(module: nnx.Module) -> dict[str, jax.Array]:
   """`{'a.b.0.c': array}` for every `nnx.Param` of `module` (arrays are the live values)."""
-  return {key: var.get_value() for key, (_, var) in _flat_params(module).items()}
+  return tree_paths.flatten(nnx.state(module, nnx.Param))
 
 
 def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
   """`{'a.b.0.c': shape}` for every `nnx.Param` of `module`."""
-  return {key: tuple(var.get_value().shape) for key, (_, var) in _flat_params(module).items()}
+  return {path: tuple(value.shape) for path, value in flatten_params(module).items()}
 
 
-class ParamAssignError(ValueError):
-  """A path that does not exist, or a shape that does not match, when assigning params."""
+def _listed(names: list[str]) -> str:
+  return ", ".join(names[:_LISTED]) + (f", ... ({len(names) - _LISTED} more)"
+                                        if len(names) > _LISTED else "")
 
 
-def assign_params(module: nnx.Module, updates: Mapping[str, np.ndarray | jnp.ndarray], *,
-                  source_names: Mapping[str, str] | None = None) -> None:
-  """Write arrays into `module`'s params by dotted path, in place.
+def assign(params, values: Mapping[str, np.ndarray], *, source: str = "the given arrays",
+           complete: bool = False,
+           source_names: Mapping[str, str] | None = None):
+  """`params` (any pytree of arrays: an `nnx.State`, a sharded train-state entry) with the
+  arrays of `values` `{dotted path: array}` written in; returns the new tree.
 
-  Every path must name an existing `nnx.Param` and every array must have exactly that
-  param's shape; values are cast to the param's dtype. All checks run before the first
-  write, and all problems are reported together in one `ParamAssignError`.
-
-  Args:
-    module: the NNX module to modify.
-    updates: `{dotted path: array}`.
-    source_names: optional `{dotted path: source key}` used to name the checkpoint key
-      in error messages.
+  Every path must name an existing parameter and every array must have that parameter's
+  shape, except the temporal position embedding, which is resized by SPEC 1's rule (zero
+  rows added for more frames, the first T kept for fewer). With `complete`, every
+  parameter must be given. Values are cast to the parameter's dtype and placed with its
+  sharding. All problems are raised together in one `ParamAssignError` naming `source`
+  (and, via `source_names` {path: source key}, the checkpoint key of each path).
   """
-  flat = _flat_params(module)
-  problems = []
-  for key, value in updates.items():
-    src = f" (from source key {source_names[key]!r})" if source_names and key in source_names else ""
-    if key not in flat:
-      problems.append(f"no parameter {key!r} in {type(module).__name__}{src}")
-      continue
-    want = tuple(flat[key][1].get_value().shape)
-    got = tuple(np.shape(value))
-    if want != got:
-      problems.append(f"shape mismatch for {key!r}{src}: expected {want}, got {got}")
-  if problems:
-    raise ParamAssignError("cannot assign parameters:\n  " + "\n  ".join(problems))
+  ours = tree_paths.flatten(params)
 
-  new_flat = {}
-  for key, (path, var) in flat.items():
-    if key in updates:
-      old = var.get_value()
-      var = var.replace(value=jnp.asarray(np.asarray(updates[key]), dtype=old.dtype))
-    new_flat[path] = var
-  nnx.update(module, nnx.from_flat_state(new_flat))
+  def named(path):
+    return f"{path!r} (from source key {source_names[path]!r})" if source_names and \
+        path in source_names else repr(path)
+
+  problems = []
+  unknown = sorted(set(values) - set(ours))
+  if unknown:
+    problems.append("no such parameter in the model: " + _listed([named(p) for p in unknown]))
+  if complete:
+    missing = sorted(set(ours) - set(values))
+    if missing:
+      problems.append("missing: " + _listed(missing))
+  new = {}
+  for path, value in values.items():
+    if path not in ours:
+      continue
+    target = ours[path]
+    value = np.asarray(value)
+    want = tuple(target.shape)
+    if value.shape != want and path.endswith(TEMPORAL_EMBEDDING_SUFFIX) and value.ndim == 4:
+      value = np.asarray(vision_encoder.resize_temporal_embedding(value, want[1], mode="zero_pad"))
+    if value.shape != want:
+      problems.append(f"shape mismatch for {named(path)}: the model expects {want}, got "
+                      f"{value.shape}")
+      continue
+    # Placed like the parameter it replaces (host numpy parameters have no sharding).
+    new[path] = jax.device_put(value.astype(target.dtype), getattr(target, "sharding", None))
+  if problems:
+    raise ParamAssignError(f"cannot assign the parameters of {source}:\n  "
+                           + "\n  ".join(problems))
+  return tree_paths.unflatten_like(params, new)
+
+
+def assign_into(module: nnx.Module, values: Mapping[str, np.ndarray], *,
+                source: str = "the given arrays",
+                source_names: Mapping[str, str] | None = None) -> None:
+  """`assign` into a module's parameters, in place (the importers' entry point)."""
+  state = nnx.state(module, nnx.Param)
+  nnx.update(module, assign(state, values, source=source, source_names=source_names))

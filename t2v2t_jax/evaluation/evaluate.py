@@ -1,6 +1,11 @@
 """Retrieval evaluation of a run: every eval corpus of the config, results to
 `workdir/eval/<step>.json`, TensorBoard and the console (with the inference frame count
-and the videos that could not be read, `broken_videos.py`)."""
+and the videos that could not be read, `broken_videos.py`).
+
+`evaluate_all` takes the model as (graphdef, params): the train loop calls it with its
+live parameters; `evaluate_checkpoint` (`--mode eval`) restores the parameters alone
+(`checkpoints/restore.py`), never the optimizer state.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +16,20 @@ import jax
 import numpy as np
 
 from input_pipeline import pipeline as pipeline_lib
+from input_pipeline import text as text_lib
+from t2v2t_jax import metric_writer as writer_lib
+from t2v2t_jax import sharding as sharding_lib
+from t2v2t_jax.checkpoints import restore
 from t2v2t_jax.evaluation import metrics as metrics_lib
 from t2v2t_jax.evaluation.broken_videos import BrokenVideos
 from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
-from t2v2t_jax.training import checkpointing
-from t2v2t_jax.training import initialization
-from t2v2t_jax.training import metric_writer as writer_lib
-from t2v2t_jax.training import optimizer as optimizer_lib
-from t2v2t_jax.training import run_setup
-from t2v2t_jax.training import sharding as sharding_lib
-from t2v2t_jax.training import train_state as state_lib
 
 
 def evaluate_all(config, params, graphdef, mesh, tokenizer, workdir: str, step: int,
-                 writer: writer_lib.MetricWriter | None = None) -> dict:
-  """Evaluates `params` on every `config.data.eval_corpora`; returns {corpus: metrics}."""
+                 writer=None) -> dict:
+  """Evaluates `params` on every `config.data.eval_corpora`; returns {corpus: metrics}.
+
+  `writer`: anything with `write(step, metrics, prefix=...)` (a `MetricWriter`), or None."""
   is_main = jax.process_index() == 0
   per_process_batch = max(1, config.eval.video_batch_size // jax.process_count())
   # Each process's video batch must split evenly over its local devices.
@@ -77,49 +81,12 @@ def _jsonable(tree):
   return tree
 
 
-def load_params(config, workdir: str, *, purpose: str = "Evaluating"):
-  """The parameters to use: the latest checkpoint of `workdir`, else `config.init_from`.
-
-  Returns `(params, graphdef, mesh, step)` (step 0 for `init_from`); prints
-  `f"{purpose} <source>"` on the main process. Used by `--mode eval` and `--mode search`.
-  """
-  mesh = sharding_lib.make_mesh(config.mesh)
-  tx = optimizer_lib.make_optimizer(config.optimizer, 1)
-  abstract = state_lib.abstract_state(config.model, tx, config.seed)
-  shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  graphdef = state_lib.model_graphdef(config.model)
-  is_main = jax.process_index() == 0
-
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = None
-  if os.path.isdir(ckpt_dir):
-    ckpt = checkpointing.Checkpointer(ckpt_dir, async_save=False)
-    # The newest usable step (damaged ones are named, and left where they are).
-    step = ckpt.latest_step(data_iter=False)
-    if step is not None:
-      state = ckpt.restore(step, checkpointing.abstract_with_shardings(abstract, shardings))
-      params, step = state["params"], ckpt.restored_step
-      if is_main:
-        print(f"{purpose} {ckpt_dir}/{step}", flush=True)
-    ckpt.close()
-  if step is None:
-    if not config.init_from:
-      raise FileNotFoundError(f"No checkpoint in {ckpt_dir} and no --config.init_from to load")
-    state = state_lib.create_sharded_state(config.model, tx, config.seed, shardings)
-    params = initialization.assign_params(
-        state["params"], initialization.load_params_from(config.init_from, config),
-        source=config.init_from)
-    step = 0
-    if is_main:
-      print(f"{purpose} {config.init_from}", flush=True)
-  return params, graphdef, mesh, step
-
-
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """`--mode eval`: the latest checkpoint of `workdir`, else `config.init_from`."""
-  tokenizer = run_setup.load_tokenizer(config)
-  run_setup.special_token_ids(tokenizer, config.model.text.vocab_size)
-  params, graphdef, mesh, step = load_params(config, workdir)
+  tokenizer = text_lib.load_tokenizer(config.data.tokenizer)
+  text_lib.special_token_ids(tokenizer, config.model.text.vocab_size)  # raises if too many
+  mesh = sharding_lib.make_mesh(config.mesh)
+  params, graphdef, step = restore.load_params(config, workdir, mesh)
   writer = writer_lib.MetricWriter(workdir)
   results = evaluate_all(config, params, graphdef, mesh, tokenizer, workdir, step, writer)
   writer.close()

@@ -1,4 +1,11 @@
-"""Retrieval metrics on the host (NumPy): ranks, recall@k, median/mean rank, tables.
+"""Retrieval on the host (NumPy): the two-stage score matrices, ranks, recall@k, median and
+mean rank, tables.
+
+Two stages (SPEC 5): `candidate_pairs` takes each query's top k by the stage-1 score, in
+both directions; the matching head scores those pairs on the device
+(`retrieval.RetrievalEvaluator`); `rerank_matrices` puts the scores back into full
+[queries, candidates] matrices, -100 outside the top k (VindLU's fill, below any raw ITM
+logit), so that a ground truth outside the top k ranks behind every candidate inside it.
 
 Naming (VindLU's, kept so numbers compare line by line with its logs):
 - `txt_*` = TEXT retrieval = video -> text (a video queries the texts), VindLU `tr`.
@@ -22,7 +29,7 @@ truth) and `ties="optimistic"` are available for analysis. NaN scores count as -
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -94,8 +101,7 @@ def _rank_summary(ranks: np.ndarray, name: str) -> dict[str, float]:
 
 def retrieval_metrics(scores_t2v: np.ndarray, scores_v2t: np.ndarray,
                       txt2vid: Sequence[int], vid2txt: Sequence[Sequence[int]],
-                      prefix: str = "", suffix: str = "", *, ties: str = "index"
-                      ) -> dict[str, float]:
+                      prefix: str = "", *, ties: str = "index") -> dict[str, float]:
   """R@1/5/10, their mean, median and mean rank, both directions.
 
   Args:
@@ -103,7 +109,7 @@ def retrieval_metrics(scores_t2v: np.ndarray, scores_v2t: np.ndarray,
     scores_v2t: [Nv, Nt], video queries over texts.
     txt2vid: [Nt] the video of each text.
     vid2txt: [Nv] the texts of each video (several: best rank counts).
-    prefix, suffix: put around every key (e.g. suffix="_emb" for the stage-1 numbers).
+    prefix: put before every key (evaluation: "emb_" for the stage-1 numbers).
     ties: tie rule, see `retrieval_ranks`.
 
   Returns:
@@ -120,79 +126,79 @@ def retrieval_metrics(scores_t2v: np.ndarray, scores_v2t: np.ndarray,
       raw["v2t_" + key[4:]] = value
     elif key.startswith("vid_"):
       raw["t2v_" + key[4:]] = value
-  return {f"{prefix}{k}{suffix}": v for k, v in raw.items()}
+  return {f"{prefix}{k}": v for k, v in raw.items()}
 
 
-def topk_candidates(stage1: np.ndarray, k: int) -> np.ndarray:
-  """[Nq, min(k, Nc)] candidate indices, best first, by the stable descending order."""
-  stage1 = np.asarray(stage1)
-  if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}")
-  k = min(int(k), stage1.shape[1])
-  order = np.argsort(-np.where(np.isnan(stage1), -np.inf, stage1), axis=1, kind="stable")
-  return order[:, :k]
-
-
-def scatter_topk(stage2: np.ndarray, candidates: np.ndarray, stage1: np.ndarray, *,
-                 alpha: float = 0.0, fill_value: float = -100.0) -> np.ndarray:
-  """Full [Nq, Nc] score matrix from stage-2 scores of the top-k candidates.
-
-  final[q, c] = stage2 + alpha * stage1 for c in the top k of query q, `fill_value`
-  elsewhere (VindLU: -100, well below any raw itm logit).
-  """
-  stage1 = np.asarray(stage1, dtype=np.float64)
-  stage2 = np.asarray(stage2, dtype=np.float64)
-  if stage2.shape != candidates.shape:
-    raise ValueError(f"stage2 {stage2.shape} and candidates {candidates.shape} differ")
-  rows = np.arange(stage1.shape[0])[:, None]
-  final = np.full(stage1.shape, fill_value, dtype=np.float64)
-  final[rows, candidates] = stage2 + alpha * stage1[rows, candidates]
-  return final
-
-
-def topk_rerank_matrix(stage1: np.ndarray, k: int,
-                       rerank_fn: Callable[[int, np.ndarray], np.ndarray], *,
-                       alpha: float = 0.0, fill_value: float = -100.0) -> np.ndarray:
-  """Two-stage retrieval scores: rerank each query's top-k stage-1 candidates.
+def candidate_pairs(sim_v2t: np.ndarray, k: int):
+  """Stage 1 -> the pairs the matching head scores.
 
   Args:
-    stage1: [Nq, Nc] stage-1 (embedding) scores.
-    k: candidates per query; k > Nc is clipped to Nc (any k and any corpus size work).
-    rerank_fn: (query index, candidate indices [k']) -> stage-2 scores [k'] (e.g. the
-      raw itm logit of class 1). Called once per query; evaluators that batch across
-      queries can use `topk_candidates` and `scatter_topk` directly.
-    alpha: weight of the stage-1 score added to the stage-2 score (default 0: pure
-      stage 2, as SPEC 5 and VindLU).
-    fill_value: score of candidates outside the top k.
+    sim_v2t: [Nv, Nt] stage-1 scores (`models.t2v2t.similarity`).
+    k: candidates per query, in both directions; clipped to the corpus (any k works).
 
   Returns:
-    [Nq, Nc] float64.
+    (pairs [P, 2] of (video, text), the union of both directions' top-k pairs, each
+    pair once, sorted by video then text; top_v_for_t [Nt, k'] the top videos of each
+    text, best first; top_t_for_v [Nv, k''] the top texts of each video). Stable sorts
+    on the negated scores: ties keep index order, as the ranks do.
   """
-  candidates = topk_candidates(stage1, k)
-  stage2 = np.stack([np.asarray(rerank_fn(q, candidates[q]), dtype=np.float64).reshape(-1)
-                     for q in range(candidates.shape[0])])
-  return scatter_topk(stage2, candidates, stage1, alpha=alpha, fill_value=fill_value)
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  sim_v2t = np.where(np.isnan(sim_v2t), -np.inf, np.asarray(sim_v2t))
+  nv, nt = sim_v2t.shape
+  k_t2v, k_v2t = min(int(k), nv), min(int(k), nt)
+  top_v_for_t = np.argsort(-sim_v2t.T, axis=1, kind="stable")[:, :k_t2v]
+  top_t_for_v = np.argsort(-sim_v2t, axis=1, kind="stable")[:, :k_v2t]
+  pairs = np.concatenate([
+      np.stack([top_v_for_t.reshape(-1), np.repeat(np.arange(nt), k_t2v)], 1),
+      np.stack([np.repeat(np.arange(nv), k_v2t), top_t_for_v.reshape(-1)], 1)])
+  return np.unique(pairs, axis=0), top_v_for_t, top_t_for_v
+
+
+def rerank_matrices(sim_v2t: np.ndarray, pairs: np.ndarray, pair_scores: np.ndarray,
+                    top_v_for_t: np.ndarray, top_t_for_v: np.ndarray, *, alpha: float = 0.0,
+                    fill_value: float = -100.0) -> tuple[np.ndarray, np.ndarray]:
+  """Stage 2 -> full score matrices `(t2v [Nt, Nv], v2t [Nv, Nt])`.
+
+  final = stage-2 score of the pair + `alpha` x its stage-1 score for each query's top k
+  (`candidate_pairs`), `fill_value` elsewhere. `pair_scores[i]` scores `pairs[i]`, and
+  `pairs` is sorted by (video, text) as `candidate_pairs` returns it (a pair's score is
+  found by binary search).
+  """
+  nv, nt = sim_v2t.shape
+  pair_keys = pairs[:, 0] * nt + pairs[:, 1]
+
+  def lookup(videos, texts):
+    return pair_scores[np.searchsorted(pair_keys, videos * nt + texts)]
+
+  t2v = np.full((nt, nv), fill_value, np.float32)
+  rows = np.repeat(np.arange(nt), top_v_for_t.shape[1])
+  cols = top_v_for_t.reshape(-1)
+  t2v[rows, cols] = lookup(cols, rows) + alpha * sim_v2t[cols, rows]
+  v2t = np.full((nv, nt), fill_value, np.float32)
+  rows = np.repeat(np.arange(nv), top_t_for_v.shape[1])
+  cols = top_t_for_v.reshape(-1)
+  v2t[rows, cols] = lookup(rows, cols) + alpha * sim_v2t[rows, cols]
+  return t2v, v2t
 
 
 def format_table(metrics: dict, num_frames: int, *, prefix: str = "") -> str:
-  """A console table: stage-1 (`*_emb` keys) and reranked rows, both directions.
+  """A console table: stage-1 (`emb_*` keys) and reranked rows, both directions.
 
-  Rows are printed for whichever of the key sets `{prefix}{t2v|v2t}_*_emb` or
-  `{prefix}emb_{t2v|v2t}_*` (stage 1) and `{prefix}{t2v|v2t}_*` (reranked) are present. The number of inference frames is
-  part of the header, so no result is ever read without it (SPEC 9).
+  Rows are printed for whichever of the key sets `{prefix}emb_{t2v|v2t}_*` (stage 1) and
+  `{prefix}{t2v|v2t}_*` (reranked) are present. The number of inference frames is part of
+  the header, so no result is ever read without it (SPEC 9).
   """
   columns = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("MdR", "medr"),
              ("MnR", "meanr"))
-  # Stage-1 keys may carry "_emb" as a suffix (VindLU) or "emb_" as a prefix.
-  layouts = (("stage 1 (emb)", "", "_emb"), ("stage 1 (emb)", "emb_", ""),
-             ("reranked", "", ""))
+  layouts = (("stage 1 (emb)", "emb_"), ("reranked", ""))
   rows, r_means = [], []
-  for stage, stage_prefix, suffix in layouts:
+  for stage, stage_prefix in layouts:
     for direction, label in (("t2v", "text->video"), ("v2t", "video->text")):
-      keys = [f"{prefix}{stage_prefix}{direction}_{name}{suffix}" for _, name in columns]
+      keys = [f"{prefix}{stage_prefix}{direction}_{name}" for _, name in columns]
       if all(key in metrics for key in keys):
         rows.append((stage, label, [float(metrics[key]) for key in keys]))
-    r_mean_key = f"{prefix}{stage_prefix}r_mean{suffix}"
+    r_mean_key = f"{prefix}{stage_prefix}r_mean"
     if r_mean_key in metrics:
       r_means.append((stage, float(metrics[r_mean_key])))
   header = f"Retrieval, {num_frames} inference frames"

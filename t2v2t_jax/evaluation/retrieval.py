@@ -1,8 +1,10 @@
-"""Two-stage text-video retrieval (SPEC 5).
+"""Two-stage text-video retrieval (SPEC 5), for a model given as (graphdef, params).
 
 Stage 1 embeds every video (per-frame projected features) and every text, and scores
-pairs by the mean over frames of cosine similarities. Stage 2 reranks each query's top-k
-candidates with the matching head on the fusion encoder's output, in both directions.
+pairs by the mean over frames of cosine similarities (`models.t2v2t.similarity`). Stage 2
+reranks each query's top-k candidates with the matching head on the fusion encoder's
+output, in both directions (the host-side bookkeeping is `metrics.candidate_pairs` and
+`metrics.rerank_matrices`).
 
 Reranking is organised by video: the union of the text->video and video->text top-k
 pairs is sorted by video and cut into batches of at most `rerank_batch_size` pairs and
@@ -25,12 +27,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 from input_pipeline.pipeline import close_iterator, release_shared_memory
+from t2v2t_jax import sharding as sharding_lib
 from t2v2t_jax.evaluation import metrics as metrics_lib
-from t2v2t_jax.progress import Progress
-from t2v2t_jax.training import sharding as sharding_lib
+from t2v2t_jax.models.t2v2t import similarity
 
 
 def to_host(x) -> np.ndarray:
@@ -127,7 +130,7 @@ class RetrievalEvaluator:
     video_emb, tokens = None, None
     batches = iter(data.videos)
     try:
-      with Progress(data.num_videos, "embed videos", enabled=self.progress) as bar:
+      with tqdm.tqdm(total=data.num_videos, desc="embed videos", disable=not self.progress) as bar:
         for batch in batches:
           frames = np.asarray(batch["frames"])
           # Copies: JAX may keep the array it is given alive, which would keep the
@@ -166,7 +169,7 @@ class RetrievalEvaluator:
     n = data.input_ids.shape[0]
     bs = self.text_batch_size
     embs, hiddens = [], []
-    with Progress(n, "embed texts", enabled=self.progress) as bar:
+    with tqdm.tqdm(total=n, desc="embed texts", disable=not self.progress) as bar:
       for start in range(0, n, bs):
         ids = data.input_ids[start:start + bs]
         mask = data.attention_mask[start:start + bs]
@@ -179,19 +182,6 @@ class RetrievalEvaluator:
     return np.concatenate(embs), np.concatenate(hiddens)
 
   # -- stage 2 --------------------------------------------------------------------------
-  def candidate_pairs(self, sim_v2t: np.ndarray):
-    """Union of both directions' top-k pairs as (video, text) arrays sorted by video."""
-    nv, nt = sim_v2t.shape
-    k_t2v, k_v2t = min(self.k, nv), min(self.k, nt)
-    # Stable sorts on the negated scores: ties keep index order, as the metrics do.
-    top_v_for_t = np.argsort(-sim_v2t.T, axis=1, kind="stable")[:, :k_t2v]  # [Nt, k]
-    top_t_for_v = np.argsort(-sim_v2t, axis=1, kind="stable")[:, :k_v2t]    # [Nv, k]
-    pairs = np.concatenate([
-        np.stack([top_v_for_t.reshape(-1), np.repeat(np.arange(nt), k_t2v)], 1),
-        np.stack([np.repeat(np.arange(nv), k_v2t), top_t_for_v.reshape(-1)], 1)])
-    pairs = np.unique(pairs, axis=0)  # sorted by video, then text
-    return pairs, top_v_for_t, top_t_for_v
-
   def rerank_batches(self, pairs) -> list[tuple[int, int]]:
     """[start, stop) ranges of `pairs` (sorted by video): at most `rerank_batch_size`
     pairs and `videos_per_batch` distinct videos each."""
@@ -210,7 +200,7 @@ class RetrievalEvaluator:
   def score_candidates(self, params, pairs, text_hidden, text_mask, video_tokens):
     """Matching-head logit for each (video, text) row of `pairs`, in the order given.
 
-    The pairs are scored grouped by video (`candidate_pairs` already sorts them so)."""
+    The pairs are scored grouped by video (`metrics.candidate_pairs` already sorts them so)."""
     given = np.asarray(pairs)
     order = np.argsort(given[:, 0], kind="stable") if len(given) else np.zeros(0, np.int64)
     pairs = given[order]
@@ -218,7 +208,7 @@ class RetrievalEvaluator:
     bs, nu = self.rerank_batch_size, self.videos_per_batch
     video_bytes = text_bytes = 0
     batches = self.rerank_batches(pairs)
-    with Progress(len(pairs), "rerank pairs", enabled=self.progress) as bar:
+    with tqdm.tqdm(total=len(pairs), desc="rerank pairs", disable=not self.progress) as bar:
       for start, stop in batches:
         chunk = pairs[start:stop]
         b = len(chunk)
@@ -251,26 +241,12 @@ class RetrievalEvaluator:
                embedded: Embedded | None = None) -> dict:
     """Two-stage retrieval metrics of `data` (`embedded`: reuse an earlier `embed`)."""
     video_emb, video_tokens, text_emb, text_hidden = embedded or self.embed(params, data)
-    # Mean over frames of per-frame cosine similarity: [Nv, Nt].
-    sim_v2t = np.einsum("vfe,te->vt", video_emb, text_emb) / video_emb.shape[1]
-    pairs, top_v_for_t, top_t_for_v = self.candidate_pairs(sim_v2t)
+    sim_v2t = similarity(video_emb, text_emb)  # [Nv, Nt]
+    pairs, top_v_for_t, top_t_for_v = metrics_lib.candidate_pairs(sim_v2t, self.k)
     pair_scores = self.score_candidates(params, pairs, text_hidden, data.attention_mask, video_tokens)
+    t2v, v2t = metrics_lib.rerank_matrices(sim_v2t, pairs, pair_scores, top_v_for_t,
+                                           top_t_for_v, alpha=self.alpha)
     nv, nt = sim_v2t.shape
-    # `pairs` is sorted by (video, text), so a pair's score is found by binary search.
-    pair_keys = pairs[:, 0] * nt + pairs[:, 1]
-
-    def lookup(videos, texts):
-      return pair_scores[np.searchsorted(pair_keys, videos * nt + texts)]
-
-    t2v = np.full((nt, nv), -100.0, np.float32)
-    rows = np.repeat(np.arange(nt), top_v_for_t.shape[1])
-    cols = top_v_for_t.reshape(-1)
-    t2v[rows, cols] = lookup(cols, rows) + self.alpha * sim_v2t[cols, rows]
-    v2t = np.full((nv, nt), -100.0, np.float32)
-    rows = np.repeat(np.arange(nv), top_t_for_v.shape[1])
-    cols = top_t_for_v.reshape(-1)
-    v2t[rows, cols] = lookup(rows, cols) + self.alpha * sim_v2t[rows, cols]
-
     results = metrics_lib.retrieval_metrics(sim_v2t.T, sim_v2t, data.txt2vid, data.vid2txt,
                                             prefix="emb_")
     results.update(metrics_lib.retrieval_metrics(t2v, v2t, data.txt2vid, data.vid2txt))

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import collections
 
-import jax
 import numpy as np
-from flax import nnx
 
 from t2v2t_jax.models.config import FUSION_MODES, model_config
-from t2v2t_jax.models.t2v2t import abstract_model
+from t2v2t_jax.models.t2v2t import abstract_params
+from t2v2t_jax.tree_paths import flatten
 
 VINDLU_PRETRAIN_PARAMS = 238_221_833
 VINDLU_UNUSED_TEMPORAL_LINEAR = 12 * 590_592
@@ -26,11 +25,10 @@ VINDLU_UNUSED_TEMPORAL_LINEAR = 12 * 590_592
 
 def count_by_part(config) -> dict[str, int]:
   """{top-level part or fusion sub-part: parameter count} for one model config."""
-  model = abstract_model(config)
-  state = nnx.state(model, nnx.Param)
+  _, params = abstract_params(config)
   counts = collections.OrderedDict()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  for path, leaf in flatten(params).items():
+    names = path.split(".")
     part = names[0]
     if part == "fusion_encoder" and len(names) > 1 and names[1] in ("t2v", "t2v_blocks"):
       part = "fusion_encoder.t2v (bypass)"

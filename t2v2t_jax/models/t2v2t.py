@@ -4,6 +4,11 @@ The fusion mode (`config.fusion.mode`) selects VindLU's one-way `v2t` fusion, th
 `t2v2t` with bypass cross-attention, the naive T2V2T ablation, or joint self-attention.
 Everything else (encoders, projections, heads, temperature) is shared by all modes, so a
 VindLU checkpoint loads into any of them.
+
+The model's own conventions live here, for the train step, evaluation and search alike:
+frames arrive as uint8 and are normalised on the device (`normalize_frames`), a video and
+a text are scored by the mean over frames of their cosines (`similarity`), and the
+temperature is kept inside [temp_min, temp_max] (`clamp_temperature`).
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from input_pipeline import transforms
 from t2v2t_jax.models import layer_stack, layers
 from t2v2t_jax.models.config import validate_model_config
 from t2v2t_jax.models.fusion import FusionEncoder
@@ -21,9 +26,57 @@ from t2v2t_jax.models.text_encoder import TextEncoder
 from t2v2t_jax.models.vision_encoder import VideoEncoder
 
 
+MEAN = 0.5  # per channel, the same for R, G, B (SPEC 1)
+STD = 0.5
+
+# normalize_frames() of each uint8 value, computed as PyTorch does it (float32 IEEE
+# arithmetic: x / 255, then (x - 0.5) / 0.5). XLA's float32 division is not correctly
+# rounded on CPU or GPU (126 of the 256 values of x / 255 come out 1 ulp off), so the
+# device looks the values up in this table instead of dividing.
+NORMALIZE_TABLE = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(MEAN)) / np.float32(STD)
+
+
+def normalize_frames(frames, dtype="float32"):
+  """Device-side normalisation of uint8 frames: `(x / 255 - 0.5) / 0.5`, in `dtype`.
+
+  uint8 input: a lookup in `NORMALIZE_TABLE` (bit-exact with the float32 formula; under
+  jit a fused gather, as cheap as the arithmetic). Other input dtypes: the arithmetic, in
+  float32, then cast."""
+  x = jnp.asarray(frames)
+  if x.dtype == jnp.uint8:
+    return jnp.asarray(NORMALIZE_TABLE, dtype=dtype)[x.astype(jnp.int32)]
+  x = x.astype(jnp.float32) / 255.0
+  return ((x - MEAN) / STD).astype(dtype)
+
+
 def l2_normalize(x, axis=-1, eps=1e-12):
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def similarity(video_emb, text_emb):
+  """Video-to-text score: the mean over frames of per-frame cosine similarities.
+
+  Args:
+    video_emb: [Bv, T, E] per-frame embeddings, each frame L2-normalised
+      (`T2V2T.video_embedding`).
+    text_emb: [Bt, E] text embeddings, L2-normalised (`T2V2T.text_embedding`).
+
+  Returns:
+    [Bv, Bt] float32 (before temperature). This is NOT the cosine of a pooled-then-
+    normalised video vector (SPEC 4): the dot product is linear, so the mean of the
+    per-frame cosines is the dot product of the text with the mean of the (normalised,
+    not renormalised) frame embeddings, which is how it is computed here, without the
+    [Bv, T, Bt] intermediate (3 GB for ActivityNet's 4,917 videos at 32 frames). Written
+    with array methods only, so it runs as given: on jax arrays inside the train step, on
+    numpy arrays on the host in evaluation and search.
+  """
+  return video_emb.astype(np.float32).mean(axis=1) @ text_emb.astype(np.float32).T
+
+
+def clamp_temperature(temp, lo: float, hi: float):
+  """The contrastive temperature kept inside [lo, hi] (SPEC 4: [0.001, 0.5])."""
+  return jnp.clip(temp, lo, hi)
 
 
 class T2V2T(nnx.Module):
@@ -62,7 +115,7 @@ class T2V2T(nnx.Module):
   # -- encoders ---------------------------------------------------------------------------
   def encode_video(self, frames, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
     """uint8 (or already normalised float) frames [B,T,H,W,3] -> (pooled, tokens, aux)."""
-    x = transforms.normalize(frames, self.dtype or jnp.float32) if frames.dtype == jnp.uint8 else frames
+    x = normalize_frames(frames, self.dtype or jnp.float32) if frames.dtype == jnp.uint8 else frames
     last_hidden, pooled, aux = self.vision_encoder(x, deterministic=deterministic, rngs=rngs)
     tokens = self.vision_layernorm(last_hidden)
     return pooled, tokens, aux
@@ -92,7 +145,7 @@ class T2V2T(nnx.Module):
     return self.text_encoder.mlm_logits(fused).astype(jnp.float32)
 
   def clamped_temp(self):
-    return jnp.clip(self.temp[...], self.config.temp_min, self.config.temp_max)
+    return clamp_temperature(self.temp[...], self.config.temp_min, self.config.temp_max)
 
 
 def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> T2V2T:
@@ -131,3 +184,9 @@ def _rescale_initial_weights(model: T2V2T, factor: float) -> None:
 def abstract_model(config: ml_collections.ConfigDict) -> T2V2T:
   """The model with ShapeDtypeStruct leaves (no memory): for counting and sharding plans."""
   return nnx.eval_shape(lambda: create_model(config))
+
+
+def abstract_params(config: ml_collections.ConfigDict):
+  """`(graphdef, params)` of the model, the params as ShapeDtypeStructs (no memory): what
+  a restore needs to place the stored parameters, and what `nnx.merge` takes to run them."""
+  return nnx.split(abstract_model(config), nnx.Param)

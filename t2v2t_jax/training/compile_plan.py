@@ -4,7 +4,7 @@
 
 Runs on any host, without a TPU (libtpu compiles ahead of time; `tpu_topology.py`). It
 builds exactly what training builds (the mesh from `config.mesh` over the topology's
-chips, the state's shardings, `train_state.make_train_step` + `jit_train_step`) and the
+chips, the state's shardings, `train_step.make_train_step` + `jit_train_step`) and the
 evaluation programs (`RetrievalEvaluator`'s video and text encoders at the recipe's
 inference frames and batches, and its rerank scorer at its pair batch), compiles each
 and prints one table: per device, parameters, optimizer state, temporaries and total HBM
@@ -28,13 +28,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
+from t2v2t_jax import sharding as sharding_lib
 from t2v2t_jax.models import layer_stack
+from t2v2t_jax.models.t2v2t import abstract_params
 from t2v2t_jax.training import optimizer as optimizer_lib
-from t2v2t_jax.training import sharding as sharding_lib
 from t2v2t_jax.training import tpu_topology
 from t2v2t_jax.training import train_state as state_lib
+from t2v2t_jax.training import train_step as step_lib
 
 GIB = 2 ** 30
 
@@ -70,11 +71,6 @@ def _shard_bytes(tree, shardings) -> int:
     shape = sharding.shard_shape(leaf.shape) if leaf.shape else ()
     total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
   return total
-
-
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
 
 
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -117,11 +113,14 @@ def _compiled_report(name, batch, lowered, params_bytes, opt_bytes, t0) -> Progr
     compiled = _compile(lowered)
   except OutOfMemory as oom:
     # The compiler's figure counts temporaries only; the state's share comes on top.
+    params_bytes = params_bytes or 0
     return ProgramReport(name, batch, params_bytes, opt_bytes, oom.needed,
                          oom.needed + params_bytes + opt_bytes, None,
                          time.perf_counter() - t0, compiled=False)
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
+  if params_bytes is None:
+    params_bytes = int(mem.argument_size_in_bytes)
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   cost = compiled.cost_analysis()
@@ -150,15 +149,15 @@ class Planner:
     self.tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=1000)
     self.abstract = state_lib.abstract_state(config.model, self.tx, config.seed)
     self.shardings = state_lib.state_shardings(self.abstract, self.mesh, config.mesh.fsdp_min_size)
-    self.graphdef = state_lib.model_graphdef(config.model)
+    self.graphdef, _ = abstract_params(config.model)
     self.params_bytes = _shard_bytes(self.abstract["params"], self.shardings["params"])
     self.opt_bytes = _shard_bytes(self.abstract["opt_state"], self.shardings["opt_state"])
 
   # -- training ---------------------------------------------------------------------------
   def train_step(self, batch_per_device: int) -> ProgramReport:
     c = self.config
-    step = state_lib.jit_train_step(
-        state_lib.make_train_step(
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(
             self.graphdef, self.tx, loss_weights=c.loss_weights,
             special_ids=special_ids(c.model.text.vocab_size),
             temp_bounds=(c.model.temp_min, c.model.temp_max)),
@@ -172,7 +171,7 @@ class Planner:
              "attention_mask": sds((b, c.data.max_len), jnp.int32),
              "video_idx": sds((b,), jnp.int32)}
     t0 = time.perf_counter()
-    lowered = step.lower(_with_shardings(self.abstract, self.shardings), batch)
+    lowered = step.lower(sharding_lib.with_shardings(self.abstract, self.shardings), batch)
     return _compiled_report(f"train step ({c.num_frames} frames)", batch_per_device, lowered,
                             self.params_bytes, self.opt_bytes, t0)
 
@@ -183,9 +182,9 @@ class Planner:
     evaluator = RetrievalEvaluator(self.graphdef, self.mesh, k=c.eval.k,
                                    rerank_batch_size=c.eval.rerank_batch_size,
                                    text_batch_size=c.eval.text_batch_size, progress=False)
-    params = _with_shardings(self.abstract["params"], self.shardings["params"])
+    params = sharding_lib.with_shardings(self.abstract["params"], self.shardings["params"])
     batch_sh = sharding_lib.batch_sharding(self.mesh)
-    rep = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rep = sharding_lib.replicated(self.mesh)
     sds = lambda shape, dtype, sh=batch_sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     size, frames = c.model.vision.image_size, c.eval.num_frames
     tokens_per_frame = 1 + (size // c.model.vision.patch_size) ** 2
@@ -210,19 +209,22 @@ class Planner:
     for name, per_device, fn, args in programs:
       t0 = time.perf_counter()
       lowered = fn.lower(*args)
-      reports.append(_compiled_report(name, per_device, lowered, self.params_bytes, 0, t0))
+      # jit drops the parameters a program does not use (the video encoder holds no text
+      # layers): its own argument bytes stand in the params column.
+      reports.append(_compiled_report(name, per_device, lowered, None, 0, t0))
     return reports
 
   # -- the largest batch that fits ----------------------------------------------------------
   def find_max_batch(self, known: dict[int, ProgramReport], *, log=print,
-                     max_compiles: int = 6, max_batch: int = 1024) -> int | None:
+                     max_compiles: int = 8, max_batch: int = 1024) -> int | None:
     """Largest per-device training batch whose step fits the chip (None: not even 1).
 
-    Memory is close to linear in the batch: each new compile is placed where the line
-    through the two nearest measured batches crosses the capacity, inside the bracket of
-    the largest batch known to fit and the smallest known not to (a refused compile still
-    measures: the compiler says how much it needed), at most `max_compiles` more compiles
-    and no batch above `max_batch`. `known` (reports by per-device batch) is extended.
+    Grows the batch (along the measured memory line, at most 4x a compile) while it fits,
+    halves it while nothing fits, then bisects between the largest batch that fits and
+    the smallest that does not. A refused compile is quick (the compiler stops when it
+    runs out of HBM) and still measures what it needed. At most `max_compiles` compiles
+    beyond those in `known` (reports by per-device batch; extended) and no batch above
+    `max_batch`.
     """
     if self.capacity is None:
       raise tpu_topology.TopologyError(
@@ -240,28 +242,35 @@ class Planner:
 
     b0 = min(known) if known else 8
     at(b0)
-    at(b0 * 2 if known[b0].fits(cap) else max(1, b0 // 2))
     for _ in range(max_compiles):
       fit = [b for b, r in known.items() if r.fits(cap)]
       over = [b for b, r in known.items() if not r.fits(cap)]
       lo, hi = max(fit, default=0), min(over, default=None)
       if hi is not None and hi - lo <= 1:
         break
-      # The line through the two measured batches nearest the bracket.
-      pts = sorted(known, key=lambda b: (abs(b - lo) if hi is None else min(abs(b - lo), abs(b - hi))))[:2]
-      (b1, m1), (b2, m2) = sorted((b, known[b].total_bytes) for b in pts)
-      slope = (m2 - m1) / (b2 - b1) if b2 != b1 else 0
-      guess = int((cap - (m1 - slope * b1)) // slope) if slope > 0 else 2 * max(lo, 1)
-      # Without an upper bracket, grow at most 4x per compile: a prediction far outside
-      # the measured range can be wildly off and costly to compile (host memory and time).
-      upper = hi - 1 if hi is not None else min(max(guess, lo + 1), 4 * max(known), max_batch)
-      if lo >= max_batch:
-        break
-      guess = min(max(guess, lo + 1), upper)
-      if guess in known:
-        guess = (lo + (hi if hi is not None else 2 * guess)) // 2
-        if guess in known or guess <= lo:
+      if lo == 0:
+        guess = max(1, hi // 2)   # nothing fits yet: halve
+      elif hi is not None:
+        # Bisect the bracket. Near the capacity the compiler rematerialises and spills to
+        # make a program fit, so memory stops being linear in the batch there (measured:
+        # paper-size pretraining on v5e took 15.66 GiB at 40 per chip, 15.59 at 41).
+        guess = (lo + hi) // 2
+      else:
+        if lo >= max_batch:
           break
+        # Everything so far fits: follow the line through the two largest compiled
+        # batches, growing at most 4x per compile (a far extrapolation can be wildly off
+        # and costly to compile, in host memory and time).
+        compiled = sorted(b for b, r in known.items() if r.compiled)
+        guess = 2 * lo
+        if len(compiled) >= 2:
+          (b1, m1), (b2, m2) = [(b, known[b].total_bytes) for b in compiled[-2:]]
+          slope = (m2 - m1) / (b2 - b1)
+          if slope > 0:
+            guess = int((cap - (m1 - slope * b1)) // slope)
+        guess = min(max(guess, lo + 1), 4 * lo, max_batch)
+      if guess in known:
+        break
       at(guess)
     return max((b for b, r in known.items() if r.fits(cap)), default=None)
 
@@ -278,8 +287,11 @@ def format_table(reports: list[ProgramReport], capacity: int | None) -> str:
         f"{r.name:<40} {r.batch_per_device:>9} {r.params_bytes / GIB:>7.2f} "
         f"{r.opt_state_bytes / GIB:>7.2f} {r.temp_bytes / GIB:>7.2f} {r.total_bytes / GIB:>7.2f} "
         f"{'-' if fits is None else ('yes' if fits else 'NO'):>15} {flops:>10} {r.compile_s:>9.0f}")
-  lines.append("(GiB per device; params and opt st are the state's share, temps XLA's "
-               "temporaries; total = arguments + outputs - aliased + temporaries + code)")
+  lines.append("(GiB per device; params and opt st: the train state's share (evaluation "
+               "programs: their arguments, the parameters they use and the batch); temps: "
+               "XLA's temporaries; total = arguments + outputs - aliased + temporaries + code; "
+               "TFLOP/dev: XLA's count, which takes a scanned layer stack's body once, so with "
+               "scan_layers on it is a lower bound: benchmarks/flops.py gives the model's count)")
   return "\n".join(lines)
 
 
@@ -316,7 +328,7 @@ def plan(config, *, log=print) -> dict:
     max_batch = planner.find_max_batch(known, log=log)
     if max_batch is not None and max_batch != per_device:
       reports.append(known[max_batch])
-      reports[-1].name = f"train step, largest batch that fits"
+      reports[-1].name = "train step, largest batch that fits"
   log(format_table(reports, capacity))
   if c.compile.find_max_batch:
     if max_batch is None:
@@ -324,8 +336,8 @@ def plan(config, *, log=print) -> dict:
     else:
       log(f"Largest per-device batch that fits: {max_batch} (global {max_batch * n})")
   if capacity is not None and not train.fits(capacity):
-    log(f"The recipe's step does not fit: lower the per-device batch and restore the global "
-        f"batch with --config.optimizer.grad_accum_steps (see find_max_batch).")
+    log("The recipe's step does not fit: lower the per-device batch and restore the global "
+        "batch with --config.optimizer.grad_accum_steps (see find_max_batch).")
   result = {"topology": c.compile.topology, "chips": n, "hosts": hosts,
             "device_kind": devices[0].device_kind, "hbm_bytes": capacity,
             "batch_size": c.batch_size, "num_frames": c.num_frames,

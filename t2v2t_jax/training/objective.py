@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t2v2t_jax import losses
+from t2v2t_jax.models.t2v2t import similarity
 
 
 def select_rows(x, index):
@@ -48,7 +49,7 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
   pooled, video_tokens, _ = model.encode_video(batch["frames"], deterministic=deterministic, rngs=rngs)
   text_hidden, _ = model.encode_text(ids, mask, deterministic=deterministic, rngs=rngs)
   temp = model.clamped_temp()
-  sim = losses.similarity(model.video_embedding(pooled), model.text_embedding(text_hidden))
+  sim = similarity(model.video_embedding(pooled), model.text_embedding(text_hidden))
 
   metrics = {"temp": temp}
   total = jnp.zeros((), jnp.float32)

@@ -2,23 +2,20 @@
 
 SPEC 7: AdamW (b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay 0.02 multiplied by the
 learning rate, as torch.optim.AdamW), linear warmup from 1% of the peak, cosine decay to
-`min_lr`, no gradient clipping.
+`min_lr`, no gradient clipping. The schedule is optax's warmup + cosine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from ml_collections import config_dict
 
+from t2v2t_jax.tree_paths import parameter_path
+
 WARMUP_START_FACTOR = 0.01  # warmup starts at 1% of the peak learning rate
-# Trailing path entries that name a Variable's storage rather than the parameter itself.
-_STORAGE_KEYS = ("value", "raw_value")
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -46,43 +43,21 @@ def learning_rate_schedule(peak_lr: float, min_lr: float, total_steps: int,
     s >= W: lr = min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * p)),
             p = min(1, (s - W) / max(1, N - W))
   with W = warmup_steps and N = total_steps; s = W gives the peak, s >= N gives min_lr.
+  This is `optax.warmup_cosine_decay_schedule` (whose decay length counts the warmup, so
+  it is given max(N, W + 1)); without warmup, its cosine alone (optax warns about a
+  zero-length warmup).
   """
   peak_lr, min_lr = float(peak_lr), float(min_lr)
   total_steps, warmup_steps = int(total_steps), int(warmup_steps)
   if warmup_steps < 0 or total_steps < 0:
     raise ValueError(f"steps must be >= 0, got total={total_steps}, warmup={warmup_steps}")
-  decay_steps = max(1, total_steps - warmup_steps)
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = peak_lr * (WARMUP_START_FACTOR
-                      + (1.0 - WARMUP_START_FACTOR) * step / max(1, warmup_steps))
-    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    cosine = min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < warmup_steps, warm, cosine)
-
-  return schedule
-
-
-def _key_name(entry) -> str:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(entry, attribute):
-      return str(getattr(entry, attribute))
-  return str(entry)
-
-
-def parameter_path(path) -> tuple[str, ...]:
-  """A pytree key path as a tuple of names, storage keys (`.value`) dropped.
-
-  Dotted or slashed string keys (flat dicts such as {'a.b.bias': x}) are split, so a
-  nested state and its flattened form give the same names.
-  """
-  names = []
-  for entry in path:
-    names.extend(part for part in _key_name(entry).replace("/", ".").split(".") if part)
-  while len(names) > 1 and names[-1] in _STORAGE_KEYS:
-    names.pop()
-  return tuple(names)
+  decay_steps = max(total_steps, warmup_steps + 1)
+  if warmup_steps == 0:
+    return optax.cosine_decay_schedule(peak_lr, decay_steps,
+                                       alpha=min_lr / peak_lr if peak_lr else 0.0)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=WARMUP_START_FACTOR * peak_lr, peak_value=peak_lr, warmup_steps=warmup_steps,
+      decay_steps=decay_steps, end_value=min_lr)
 
 
 def is_decayed(path: str | tuple[str, ...], ndim: int) -> bool:
@@ -107,14 +82,8 @@ def weight_decay_mask(params):
   Works on any pytree: nested dicts, `nnx.State` (paths such as
   ('vision_encoder', 'layers', 0, 'attention', 'query', 'kernel', 'value')), and flat
   dicts keyed by dotted paths. Leaves need a shape (arrays, jax.ShapeDtypeStruct).
-  A flat dict {dotted path: shape tuple} is also accepted and answered per path.
   Usable directly as optax's callable `mask`.
   """
-  if isinstance(params, Mapping) and params and all(
-      isinstance(k, str) and isinstance(v, tuple) and all(isinstance(d, int) for d in v)
-      for k, v in params.items()):
-    # A flat {path: shape} listing (e.g. a checkpoint index): answer per path.
-    return {k: is_decayed(parameter_path([k]), len(v)) for k, v in params.items()}
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: is_decayed(parameter_path(path), _ndim(leaf)), params)
 
@@ -123,6 +92,15 @@ def warmup_and_total_steps(cfg: ml_collections.ConfigDict, total_steps: int) -> 
   """Warmup length in optimizer steps: total_steps * warmup_epochs / epochs, rounded."""
   warmup = int(round(total_steps * float(cfg.warmup_epochs) / float(cfg.epochs)))
   return min(warmup, total_steps), int(total_steps)
+
+
+def total_updates(config, steps_per_epoch: int) -> int:
+  """Optimizer updates of the run: `config.total_steps` if set, else epochs x steps per
+  epoch (with gradient accumulation, one update takes `grad_accum_steps` batches)."""
+  accum = int(config.optimizer.grad_accum_steps or 1)
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  return max(1, int(round(config.optimizer.epochs * steps_per_epoch / accum)))
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -155,4 +133,4 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
 
 
 __all__ = ["optimizer_config", "learning_rate_schedule", "weight_decay_mask", "is_decayed",
-           "parameter_path", "make_schedule", "make_optimizer", "warmup_and_total_steps"]
+           "make_schedule", "make_optimizer", "warmup_and_total_steps", "total_updates"]

@@ -5,8 +5,8 @@ follows a run in order. Resume order (first that applies):
   1. the latest usable checkpoint in `workdir/checkpoints` (model, optimizer, step, RNG,
      data iterator, bad-data counts: the run continues exactly where it stopped). Damaged
      newer steps are named and moved to `workdir/checkpoints_damaged/`
-     (`checkpointing.py`); a workdir with an earlier run's logs and no usable step is
-     refused unless `config.start_over` is set;
+     (`checkpoints/run_checkpoints.py`); a workdir with an earlier run's logs and no
+     usable step is refused unless `config.start_over` is set (`workdir.py`);
   2. `config.init_from`: another run's workdir/checkpoint folder or a VindLU `.pth`
      (parameters only; temporal embeddings resized by SPEC's rule);
   3. `config.pretrained.beit` / `config.pretrained.bert`: Hugging Face weights;
@@ -25,15 +25,17 @@ from absl import logging
 
 from input_pipeline import bad_data
 from input_pipeline import pipeline as pipeline_lib
-from t2v2t_jax.training import checkpointing
+from input_pipeline import text as text_lib
+from t2v2t_jax import metric_writer as writer_lib
+from t2v2t_jax import sharding as sharding_lib
+from t2v2t_jax.checkpoints.run_checkpoints import Checkpointer
+from t2v2t_jax.models.t2v2t import abstract_params
+from t2v2t_jax.training import config_checks
 from t2v2t_jax.training import initialization
-from t2v2t_jax.training import metric_writer as writer_lib
 from t2v2t_jax.training import optimizer as optimizer_lib
-from t2v2t_jax.training import run_setup
-from t2v2t_jax.training import sharding as sharding_lib
 from t2v2t_jax.training import train_state as state_lib
-
-MODEL_BATCH_KEYS = ("frames", "input_ids", "attention_mask", "video_idx")
+from t2v2t_jax.training import train_step as step_lib
+from t2v2t_jax.training import workdir as workdir_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,16 +45,16 @@ class NonFiniteLossError(RuntimeError):
 def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) -> dict:
   """Trains `config` in `workdir`; returns the final evaluation results (if any)."""
   # ------------------------------------------------------------------ Set up logging
-  run_setup.check_run_settings(config)  # before any work (main.py also checks the data)
-  run_setup.maybe_initialize_distributed(config)
+  config_checks.check_run_settings(config)  # before any work (main.py also checks the data)
+  sharding_lib.maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.keep_checkpoints, quarantine=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+                      quarantine=True)
   resume_step = ckpt.latest_step()  # the newest usable step; damaged ones are named
   if resume_step is None:
-    run_setup.check_start_from_scratch(config, workdir, ckpt.damaged)
-  run_setup.warn_if_resuming_with_changes(config, workdir, resuming=resume_step is not None)
-  run_setup.save_config(config, workdir)
+    workdir_lib.check_start_from_scratch(config, workdir, ckpt.damaged)
+  workdir_lib.warn_if_resuming_with_changes(config, workdir, resuming=resume_step is not None)
+  workdir_lib.save_config(config, workdir)
   writer = writer_lib.MetricWriter(workdir)
   is_main = jax.process_index() == 0
 
@@ -61,13 +63,13 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
 
   # ------------------------------------------------------------------ Input pipeline
-  tokenizer = run_setup.load_tokenizer(config)
-  special_ids = run_setup.special_token_ids(tokenizer, config.model.text.vocab_size)
+  tokenizer = text_lib.load_tokenizer(config.data.tokenizer)
+  special_ids = text_lib.special_token_ids(tokenizer, config.model.text.vocab_size)
   train_ds = pipeline_lib.make_train_dataset(
       config.data, tokenizer=tokenizer, global_batch_size=config.batch_size,
       num_frames=config.num_frames, image_size=config.model.vision.image_size, seed=config.seed)
   steps_per_epoch = pipeline_lib.train_steps_per_epoch(config.data, config.batch_size)
-  total_updates = run_setup.total_steps(config, steps_per_epoch)
+  total_updates = optimizer_lib.total_updates(config, steps_per_epoch)
   accum = int(config.optimizer.grad_accum_steps or 1)
   total_micro_steps = total_updates * accum
   # Counts bad samples per batch; checkpointed with the iterator.
@@ -78,9 +80,9 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   schedule = optimizer_lib.make_schedule(config.optimizer, total_updates)
   abstract = state_lib.abstract_state(config.model, tx, config.seed)
   shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  graphdef = state_lib.model_graphdef(config.model)
-  train_step = state_lib.jit_train_step(
-      state_lib.make_train_step(
+  graphdef, _ = abstract_params(config.model)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(
           graphdef, tx, loss_weights=config.loss_weights, special_ids=special_ids,
           temp_bounds=(config.model.temp_min, config.model.temp_max),
           lr_schedule=lambda s: schedule(s // accum)),
@@ -99,7 +101,6 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
 
   # ------------------------------------------------------------------ Train loop
   failures = data_iter.failures
-  batch_sharding = sharding_lib.batch_sharding(mesh)
   step = start_step
   t_last, step_last = time.perf_counter(), step
   last_metrics = None
@@ -110,7 +111,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
       # checked against an uninterrupted one batch by batch.
       batch_crc = zlib.crc32(np.ascontiguousarray(local["input_ids"]).tobytes()
                              + np.ascontiguousarray(local["video_idx"]).tobytes())
-      batch = pipeline_lib.global_batch(local, mesh, sharding_lib.DATA_AXES, keys=MODEL_BATCH_KEYS)
+      batch = sharding_lib.global_batch(local, mesh, pipeline_lib.MODEL_KEYS)
       state, metrics = train_step(state, batch)
       step += 1
       # Check the previous step's loss (already computed) so the host does not stall.
@@ -133,7 +134,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
 
       if step % config.checkpoint_every == 0 or step == total_micro_steps:
         _check_finite(metrics, step)  # never overwrite a good checkpoint with a diverged state
-        ckpt.save(step, state, data_iter, force=True)
+        ckpt.save(step, state, data_iter)
 
       if config.eval_every and step % config.eval_every == 0 and step != total_micro_steps:
         _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)

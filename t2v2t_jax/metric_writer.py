@@ -1,6 +1,8 @@
 """Metrics to TensorBoard (tensorboardX: no TensorFlow), a JSONL file and the console.
 
-Only process 0 writes, so multi-host runs log once.
+Training writes its losses here and evaluation its retrieval results, into the same
+`workdir/metrics.jsonl` and `workdir/tensorboard`. Only process 0 writes, so multi-host
+runs log once; each row is flushed as it is written.
 """
 
 from __future__ import annotations
@@ -41,11 +43,6 @@ class MetricWriter:
       self._tb.add_scalar(prefix + k, s, int(step))
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
-
-  def flush(self):
-    if self.enabled:
-      self._tb.flush()
-      self._jsonl.flush()
 
   def close(self):
     if self.enabled:

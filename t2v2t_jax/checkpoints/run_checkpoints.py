@@ -1,8 +1,10 @@
-"""Orbax checkpoints: train state, Grain iterator state and bad-data counts, saved together,
-and checked before a run resumes from them.
+"""A run's Orbax checkpoints: train state, Grain iterator state and bad-data counts, saved
+together, checked before they are used, and restored whole (training) or parameters only
+(evaluation and search).
 
 One `CheckpointManager` per workdir (`DIR/checkpoints/<step>/{state,data_iter,bad_data}`),
-saving asynchronously every `checkpoint_every` steps and at the end, keeping the last K.
+saving asynchronously when the train loop asks (every `checkpoint_every` steps and at the
+end), keeping the last K.
 The train state holds parameters, optimizer state, step and the base RNG key, so a
 resumed run continues with exactly the batches and random draws of an uninterrupted one;
 `bad_data` holds each process's `FailureTracker` counts, so the failure fraction is not
@@ -19,6 +21,8 @@ structural checks only, and a restore that still fails counts as damage too.
 `latest_step()` is the newest usable step: each newer, damaged one is named in a warning
 (and, with `quarantine=True`, as in training, moved to `checkpoints_damaged/<step>` so that
 the resumed run can save that step again), and the run resumes from the step before.
+`restore_params` reads the `params` entry of the state alone (no optimizer moments), with
+the same fall-back to older steps.
 """
 
 from __future__ import annotations
@@ -186,16 +190,15 @@ class Checkpointer:
   """The workdir's checkpoints: save, find the newest usable step, restore (falling back to
   older steps when a step turns out damaged)."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = True, quarantine: bool = False, verbose: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               quarantine: bool = False, verbose: bool = True):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep}: at least the last checkpoint must be kept")
     self.directory = os.path.abspath(directory)
     self.quarantine = quarantine
     self.verbose = verbose and jax.process_index() == 0
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self.damaged: dict[int, str] = {}      # step -> reason, found in this process
     self.restored_step: int | None = None  # the step `restore` actually read
@@ -268,7 +271,8 @@ class Checkpointer:
         write_integrity(step_dir)
       self._recorded.add(step)
 
-  def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iter=None) -> bool:
+    """Saves `step` (the train loop decides when: Orbax's own interval is not used)."""
     # The previous save is waited for anyway by Orbax; doing it here first lets its step
     # get its record while nothing (no save, no deletion of old steps) is in flight.
     self.manager.wait_until_finished()
@@ -279,7 +283,7 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointSave(iterator)
     if failures is not None:
       items["bad_data"] = BadDataSave(failures)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
       self._usable, self._checked = step, True
       self._saved_here.add(step)
@@ -292,17 +296,33 @@ class Checkpointer:
     A step that fails to restore is named as damaged and the next older usable step is
     restored instead (`restored_step` says which); none left: `NoUsableCheckpointError`."""
     iterator, failures = _split_iterator(data_iter)
+    return self._restore_with_fallback(
+        step, lambda s: self._restore_step(s, abstract_state, iterator, failures),
+        data_iter=iterator is not None)
+
+  def restore_params(self, step: int, abstract_params):
+    """The `params` entry of step `step`'s state alone, into the shapes/shardings of
+    `abstract_params` (evaluation and search: the optimizer moments are not read). Falls
+    back to older steps like `restore`."""
+    def read(s):
+      args = ocp.args.PyTreeRestore(item={"params": abstract_params}, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                        {"params": abstract_params}))
+      return self.manager.restore(s, args=ocp.args.Composite(state=args))["state"]["params"]
+    return self._restore_with_fallback(step, read, data_iter=False)
+
+  def _restore_with_fallback(self, step, read, *, data_iter: bool):
     tried = []
     while step is not None:
       try:
-        state = self._restore_step(step, abstract_state, iterator, failures)
+        state = read(step)
         self.restored_step = step
         return state
       except Exception as e:  # noqa: BLE001 (any failure to read a step is damage to it)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         tried.append(step)
         self._mark_damaged(step, f"restoring it failed ({reason})")
-        step = self._find_usable(data_iter=iterator is not None, below=step)
+        step = self._find_usable(data_iter=data_iter, below=step)
         self._usable = step
     raise NoUsableCheckpointError(
         f"No usable checkpoint in {self.directory}: step(s) {', '.join(map(str, tried))} "
@@ -317,16 +337,8 @@ class Checkpointer:
       items["bad_data"] = BadDataRestore(failures)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-  def wait(self):
+  def close(self):
+    """Waits for the last save (it holds the iterator's state), records it, closes."""
     self.manager.wait_until_finished()
     self._record_finished()
-
-  def close(self):
-    self.wait()
     self.manager.close()
-
-
-def abstract_with_shardings(abstract_state, shardings):
-  """ShapeDtypeStructs carrying the target shardings, for a sharded restore."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_state, shardings)
