@@ -1,10 +1,13 @@
 """Fields every recipe shares, and the `:tiny` argument that shrinks any recipe.
 
 A recipe's `get_config(arg)` builds on `base_config()`; `arg` is a comma-separated list:
-  tiny             the tiniest model (vision 'test/16' at 32 px, text 'test'), 2 frames,
+  tiny             the tiniest sizes (vision 'test/16' at 32 px, text 'test'), 2 frames,
                    batch 4, a few steps, a small synthetic dataset (data/synthetic_tiny,
-                   created on first use) unless data_root is set:
-                   for tests and quick local runs of any recipe.
+                   created on first use) unless data_root is set: for tests and quick
+                   local runs of any recipe. Only sizes shrink: the recipe's compute dtype,
+                   remat, layer scanning, attention, fusion, temperature, initialisation,
+                   dropout and loss choices stay (`msrvtt_ft.py:tiny` trains in bfloat16
+                   with remat, like `msrvtt_ft.py`).
   mode=<fusion>    fusion mode: v2t | t2v2t | t2v2t_naive | joint.
 """
 
@@ -110,10 +113,21 @@ def synthetic_corpora(config, root_ref) -> None:
       num_frames=8, seed=0))
 
 
+# The size fields `:tiny` takes from the tiniest variants; every other model field (dtype,
+# remat, scan_layers, attention_impl, fusion.*, temp_*, init_std, dropout rates, ...) is a
+# choice of the recipe and stays.
+TINY_VISION_SIZES = ("variant", "width", "depth", "num_heads", "mlp_dim", "patch_size")
+TINY_TEXT_SIZES = ("variant", "width", "num_layers", "num_heads", "mlp_dim", "fusion_layer")
+
+
 def apply_tiny(config) -> None:
-  """Shrink any recipe to the tiniest model on synthetic data: seconds per step on a CPU."""
-  mode = config.model.fusion.mode
-  config.model = model_config("test/16", "test", mode)
+  """Shrink any recipe to the tiniest sizes on synthetic data: seconds per step on a CPU."""
+  tiny = model_config("test/16", "test")
+  for field in TINY_VISION_SIZES:
+    config.model.vision[field] = tiny.vision[field]
+  for field in TINY_TEXT_SIZES:
+    config.model.text[field] = tiny.text[field]
+  config.model.embed_dim = tiny.embed_dim
   config.model.vision.image_size = 32
   config.model.text.vocab_size = 512
   config.model.vision.num_frames = 2

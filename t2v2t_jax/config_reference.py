@@ -367,8 +367,10 @@ def _tiny_section() -> list[str]:
   _, tiny = recipe_config("msrvtt_ft", "tiny")
   full_flat, tiny_flat = flatten_config(full), flatten_config(tiny)
   out = ["", "### The `:tiny` argument", "",
-         "`--config configs/<recipe>.py:tiny` runs any recipe with the tiniest model on the",
-         "synthetic dataset, for tests and quick local runs. Changes to `msrvtt_ft`:", "",
+         "`--config configs/<recipe>.py:tiny` runs any recipe at the tiniest sizes on the",
+         "synthetic dataset, for tests and quick local runs. Only sizes change: the recipe's",
+         "compute dtype, remat, fusion, initialisation and loss choices stay. Changes to",
+         "`msrvtt_ft`:", "",
          "| field | msrvtt_ft | msrvtt_ft:tiny |", "|---|---|---|"]
   for key, value in tiny_flat.items():
     if key.startswith("data.") and key.endswith("_corpora"):
