@@ -1,4 +1,6 @@
-"""Learning-rate schedule formula, VindLU weight-decay rule, AdamW wiring."""
+"""Learning-rate schedule against hand-computed values, VindLU's weight-decay rule on the
+model's own parameters (checked against the rule applied to VindLU's names and shapes),
+AdamW wiring."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
+from t2v2t_jax.checkpoints import vindlu_export, vindlu_keys
+from t2v2t_jax.checkpoints.params import flatten_params
+from t2v2t_jax.models.config import model_config
+from t2v2t_jax.models.t2v2t import create_model
 from t2v2t_jax.training import optimizer
+from t2v2t_jax.tree_paths import flatten, parameter_path
 
 PEAK, MIN_LR, TOTAL, WARMUP = 1e-4, 1e-6, 1000, 100
 
@@ -29,43 +36,77 @@ def test_schedule_matches_formula(step, expected):
 def test_schedule_without_warmup_and_from_config():
   schedule = optimizer.learning_rate_schedule(PEAK, MIN_LR, TOTAL, 0)
   np.testing.assert_allclose(float(schedule(0)), PEAK, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(500)), MIN_LR + (PEAK - MIN_LR) * 0.5, rtol=1e-5)
+  # Warmup as long as the run: the peak at its end, then min_lr (a decay of one step).
+  short = optimizer.learning_rate_schedule(PEAK, MIN_LR, 100, 100)
+  np.testing.assert_allclose(float(short(50)), PEAK * (0.01 + 0.99 * 0.5), rtol=1e-5)
+  np.testing.assert_allclose(float(short(100)), PEAK, rtol=1e-6)
+  np.testing.assert_allclose(float(short(101)), MIN_LR, rtol=1e-5)
   cfg = optimizer.optimizer_config()
   cfg.lr, cfg.epochs, cfg.warmup_epochs = 1e-5, 5.0, 0.5
   assert optimizer.warmup_and_total_steps(cfg, 1000) == (100, 1000)
   np.testing.assert_allclose(float(optimizer.make_schedule(cfg, 1000)(100)), 1e-5, rtol=1e-6)
 
 
-# (path, shape, decayed?) under SPEC 7's rule: decay iff ndim != 1 and not a bias.
-NAMED_PARAMETERS = [
-    ("vision_encoder.embeddings.cls_token", (1, 1, 768), True),
-    ("vision_encoder.embeddings.temporal_position_embeddings", (1, 4, 1, 768), True),
-    ("vision_encoder.embeddings.patch_embeddings.projection.kernel", (16, 16, 3, 768), True),
-    ("vision_encoder.embeddings.patch_embeddings.projection.bias", (768,), False),
-    ("vision_encoder.layers.0.attention.relative_position_bias_table", (732, 12), True),
-    ("vision_encoder.layers.0.attention.relative_position_bias", (732, 12), True),
-    ("vision_encoder.layers.0.attention.query.kernel", (768, 768), True),
-    ("vision_encoder.layers.0.attention.query.bias", (768,), False),
-    ("vision_encoder.layers.0.attention.heads.bias", (12, 64), False),   # 2-D bias: name rule
-    ("vision_encoder.layers.0.layernorm_before.scale", (768,), False),
-    ("vision_encoder.layers.0.layernorm_before.bias", (768,), False),
-    ("vision_encoder.layers.0.lambda_1", (768,), False),
-    ("vision_encoder.layers.0.temporal.scale", (), True),
-    ("vision_encoder.layers.0.temporal.attention.in_proj.kernel", (768, 2304), True),
-    ("fusion.t2v.gate", (), True),
-    ("temp", (), True),
-    ("text_encoder.embeddings.word_embeddings.embedding", (30522, 768), True),
-    ("text_encoder.embeddings.LayerNorm.scale", (768,), False),
-    ("text_encoder.mlm_head.bias", (30522,), False),
-    ("itm_head.kernel", (768, 2), True),
-]
+def _tiny_model_params():
+  """{our dotted path: array} of the tiniest t2v2t model (a T2V block, an MLM head)."""
+  return flatten_params(create_model(model_config("test/16", "test", "t2v2t")))
 
 
-def test_weight_decay_rule_on_named_paths():
-  for path, shape, decayed in NAMED_PARAMETERS:
-    assert optimizer.is_decayed(path, len(shape)) is decayed, path
-  flat_arrays = {path: jax.ShapeDtypeStruct(shape, jnp.float32)
-                 for path, shape, _ in NAMED_PARAMETERS}
-  assert optimizer.weight_decay_mask(flat_arrays) == {p: d for p, _, d in NAMED_PARAMETERS}
+# SPEC 7, written out for parameters the model has: decay iff not 1-D and not a bias. So
+# the 0-dim temperature, temporal scale and T2V gates, the CLS token, the temporal
+# position embedding, relative-position tables, embeddings and kernels are decayed;
+# LayerNorm scales and biases, layer-scale lambdas and every bias are not.
+OWN_PARAMETERS = {
+    "temp": True,
+    "vision_encoder.embeddings.cls_token": True,
+    "vision_encoder.embeddings.temporal_pos_embed": True,
+    "vision_encoder.embeddings.patch_embed.kernel": True,
+    "vision_encoder.embeddings.patch_embed.bias": False,
+    "vision_encoder.layers.0.relative_position_bias.table": True,
+    "vision_encoder.layers.0.attention.query.kernel": True,
+    "vision_encoder.layers.0.attention.query.bias": False,
+    "vision_encoder.layers.0.layernorm_before.scale": False,
+    "vision_encoder.layers.0.lambda_1": False,
+    "vision_encoder.layers.0.temporal.scale": True,
+    "vision_encoder.layers.0.temporal.attention.key.kernel": True,
+    "fusion_encoder.t2v.gate": True,
+    "fusion_encoder.t2v.ffn_gate": True,
+    "fusion_encoder.t2v.text_norm.scale": False,
+    "fusion_encoder.layers.0.crossattention.value.bias": False,
+    "text_encoder.embeddings.word_embeddings.embedding": True,
+    "text_encoder.embeddings.layer_norm.scale": False,
+    "text_encoder.mlm_head.bias": False,
+    "itm_head.kernel": True,
+}
+
+
+def test_weight_decay_rule_on_the_models_own_paths():
+  params = _tiny_model_params()
+  assert set(OWN_PARAMETERS) <= set(params)  # no invented names
+  for path, decayed in OWN_PARAMETERS.items():
+    assert optimizer.is_decayed(path, params[path].ndim) is decayed, path
+  mask = optimizer.weight_decay_mask({path: jax.ShapeDtypeStruct(params[path].shape, jnp.float32)
+                                      for path in OWN_PARAMETERS})
+  assert mask == OWN_PARAMETERS
+
+
+def test_weight_decay_mask_agrees_with_vindlus_rule_on_vindlus_names():
+  """VindLU decides on its own names and PyTorch shapes (`ndim == 1 or name ends with
+  '.bias'`: no decay); every parameter of ours that a VindLU key maps to must get the
+  same answer from our mask, whatever our layout (transposed kernels, split q/k/v)."""
+  params = _tiny_model_params()
+  state, _ = vindlu_export.export_vindlu(params, naming="pretrain", drop_t2v=True)
+  mask = flatten(optimizer.weight_decay_mask(
+      nnx.state(create_model(model_config("test/16", "test", "t2v2t")), nnx.Param)))
+  layout = vindlu_keys.layout_from_params(params, "pretrain", mlm=True)
+  checked = set()
+  for m in vindlu_keys.vindlu_key_map(layout):
+    vindlu_decays = not (np.ndim(state[m.source]) == 1 or m.source.endswith(".bias"))
+    assert mask[m.target] is vindlu_decays, (m.source, m.target)
+    checked.add(m.target)
+  # Every parameter is covered: by a VindLU key, or it is one of the T2V block's own.
+  assert set(mask) - checked == {p for p in mask if vindlu_keys.is_t2v(p)}
 
 
 def test_weight_decay_mask_on_nested_dict_and_nnx_state():
@@ -84,7 +125,7 @@ def test_weight_decay_mask_on_nested_dict_and_nnx_state():
       self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs)])
 
   state = nnx.state(Tiny(nnx.Rngs(0)), nnx.Param)
-  flat = {optimizer.parameter_path(p): bool(m) for p, m in
+  flat = {parameter_path(p): bool(m) for p, m in
           jax.tree_util.tree_flatten_with_path(optimizer.weight_decay_mask(state))[0]}
   assert flat == {("dense", "bias"): False, ("dense", "kernel"): True,
                   ("layers", "0", "bias"): False, ("layers", "0", "kernel"): True,
