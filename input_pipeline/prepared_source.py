@@ -178,8 +178,10 @@ def check_prepared(corpus, prepared_dir: str, max_seconds: float | None = None) 
   info_path = os.path.join(directory, INFO_FILE)
   if not os.path.isfile(info_path):
     plan_path = os.path.join(directory, PLAN_FILE)
-    done = (len(os.listdir(os.path.join(directory, SHARD_INFO_DIR)))
-            if os.path.isdir(os.path.join(directory, SHARD_INFO_DIR)) else 0)
+    # Finished shards only: a worker killed mid-write leaves a `.json.tmp-<pid>` behind.
+    shard_dir = os.path.join(directory, SHARD_INFO_DIR)
+    done = (sum(name.endswith(".json") for name in os.listdir(shard_dir))
+            if os.path.isdir(shard_dir) else 0)
     total = read_json(plan_path)["num_shards"] if os.path.isfile(plan_path) else "?"
     raise ValueError(f"the prepare of corpus {corpus.name!r} in {directory} is unfinished "
                      f"({done} of {total} shards): rerun the prepare command to finish it")
