@@ -137,7 +137,7 @@ def synthetic_params(abstract_params, seed: int = 0):
   so every branch is live). The model's own initialisers run ~600 small kernels, each
   compiled on first use: tens of seconds on a GPU that a benchmark need not spend.
   """
-  from t2v2t_jax.training.optimizer import parameter_path  # noqa: PLC0415
+  from t2v2t_jax.tree_paths import parameter_path  # noqa: PLC0415
   rng = np.random.default_rng(seed)
 
   def one(path, leaf):
@@ -344,8 +344,10 @@ def synthetic_batch_fn(global_batch, frames, image_size, text_len, special_ids):
 
 def run(args) -> dict:
   from t2v2t_jax.training import optimizer as optimizer_lib  # noqa: PLC0415
-  from t2v2t_jax.training import sharding as sharding_lib  # noqa: PLC0415
+  from t2v2t_jax import sharding as sharding_lib  # noqa: PLC0415
+  from t2v2t_jax.models.t2v2t import abstract_params  # noqa: PLC0415
   from t2v2t_jax.training import train_state as state_lib  # noqa: PLC0415
+  from t2v2t_jax.training import train_step as step_lib  # noqa: PLC0415
 
   counter = CompileCounter()
   cfg = build_model_config(args, no_dropout=args.no_dropout)
@@ -378,7 +380,7 @@ def run(args) -> dict:
   schedule = optimizer_lib.make_schedule(cfg_optimizer(), 1000)
   abstract = state_lib.abstract_state(cfg, tx, 0)
   shardings = state_lib.state_shardings(abstract, mesh)
-  graphdef = state_lib.model_graphdef(cfg)
+  graphdef, _ = abstract_params(cfg)
   t0 = time.perf_counter()
   if args.init == "real":
     state = state_lib.create_sharded_state(cfg, tx, 0, shardings)
@@ -402,8 +404,8 @@ def run(args) -> dict:
   batches = [make_batch(jax.random.key(i)) for i in range(2)]
   jax.block_until_ready(batches)
 
-  step_fn = state_lib.jit_train_step(
-      state_lib.make_train_step(graphdef, tx, loss_weights=weights, special_ids=special_ids,
+  step_fn = step_lib.jit_train_step(
+      step_lib.make_train_step(graphdef, tx, loss_weights=weights, special_ids=special_ids,
                                 temp_bounds=(cfg.temp_min, cfg.temp_max), lr_schedule=schedule),
       shardings, mesh)
 
