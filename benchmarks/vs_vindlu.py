@@ -96,23 +96,18 @@ def timed(fn, n: int) -> list[tuple[float, float]]:
 
 
 def machine_description() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  flags = ""
+  """CPU model, whether it has AVX-512 (the fp32 peak differs ~2x), and the core count."""
+  model, flags = platform.processor() or platform.machine(), ""
   try:
     with open("/proc/cpuinfo") as f:
       text = f.read()
-    flags = "AVX-512" if "avx512f" in text else "no AVX-512"
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.startswith("model name")]
+    model = names[0] if names else model
+    flags = " (AVX-512)" if "avx512f" in text else " (no AVX-512)"
   except OSError:
     pass
-  return f"{model} ({flags}), {os.cpu_count()} cores"
+  return f"{model}{flags}, {os.cpu_count()} cores"
 
 
 def load_average() -> str:
@@ -360,15 +355,6 @@ def vindlu_worker(conn, vindlu_dir: str, sizes: dict, seed: int, weights_path: s
 # Our side.
 # ----------------------------------------------------------------------------------------
 
-def _train_step_factory():
-  """`make_train_step` of the project (its module moved from train_state to train_step)."""
-  try:
-    from t2v2t_jax.training.train_step import make_train_step  # noqa: PLC0415
-  except ImportError:
-    from t2v2t_jax.training.train_state import make_train_step  # noqa: PLC0415
-  return make_train_step
-
-
 def load_into(model, values: dict) -> None:
   """Writes `{dotted parameter path: array}` into the model's parameters (every one)."""
   import jax.numpy as jnp  # noqa: PLC0415
@@ -401,6 +387,7 @@ def ours_worker(conn, argv: list[str], weights_path: str | None, portable: bool 
     from t2v2t_jax.models.t2v2t import create_model  # noqa: PLC0415
     from t2v2t_jax.training import optimizer as optimizer_lib  # noqa: PLC0415
     from t2v2t_jax.training.train_state import PRNG_IMPL  # noqa: PLC0415
+    from t2v2t_jax.training.train_step import make_train_step  # noqa: PLC0415
 
     args = parse_args(argv)
     cfg = bench.build_model_config(args)
@@ -423,7 +410,7 @@ def ours_worker(conn, argv: list[str], weights_path: str | None, portable: bool 
              "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(17, impl=PRNG_IMPL))}
     special = {**SPECIAL_IDS, "vocab_size": cfg.text.vocab_size}
-    step_fn = jax.jit(_train_step_factory()(
+    step_fn = jax.jit(make_train_step(
         graphdef, tx, loss_weights={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}, special_ids=special,
         temp_bounds=(cfg.temp_min, cfg.temp_max), lr_schedule=schedule), donate_argnums=(0,))
 
