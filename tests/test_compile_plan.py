@@ -63,6 +63,18 @@ def test_four_chips_with_fsdp_shard_the_state():
 
 
 @needs_libtpu
+def test_one_device_per_chip_as_training_sees_them():
+  # libtpu describes v4's two TensorCores per chip as two devices unless asked for the
+  # megacore chip configuration, which is what a JAX run on a v4 uses.
+  for name, chips, kind in (("v4:2x2x1", 4, "TPU v4"), ("v5e:2x4", 8, "TPU v5 lite"),
+                            ("v6e:1x1", 1, "TPU v6 lite")):
+    devices = tpu_topology.topology_devices(name)
+    assert len(devices) == chips and devices[0].device_kind == kind, name
+    assert len({tuple(d.coords) for d in devices}) == chips
+    assert tpu_topology.hbm_bytes(devices[0]) > 0
+
+
+@needs_libtpu
 def test_errors_are_one_line_and_say_what_to_do():
   with pytest.raises(tpu_topology.TopologyError, match="unknown TPU topology 'v5e-8'"):
     tpu_topology.topology_devices("v5e-8")

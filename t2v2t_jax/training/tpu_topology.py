@@ -24,6 +24,8 @@ HBM_GIB = {
     "TPU v6e": 32.0,
 }
 
+MEGACORE = ("v4", "v5p")
+
 _NAME = re.compile(r"^(v[0-9][a-z]*):([0-9]+(?:x[0-9]+){1,2})$")
 
 
@@ -57,8 +59,11 @@ def topology_devices(name: str) -> list:
         f"unknown TPU topology {name!r}: expected '<generation>:<chips>' such as 'v5e:1x1', "
         f"'v5e:2x4', 'v6e:2x4' or 'v4:2x2x1'")
   dims = [int(d) for d in match.group(2).split("x")]
+  # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore");
+  # without this libtpu describes each core as a device, which a training run never sees.
+  options = {"chip_config_name": "megacore"} if match.group(1) in MEGACORE else {}
   try:
-    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **options).devices)
   except Exception as first:  # noqa: BLE001 (libtpu raises JaxRuntimeError subclasses)
     # Slices smaller than one host (e.g. Colab's single v5e chip, 'v5e:1x1') need the
     # host bounds given explicitly: libtpu's default is a 2x2x1 host.
@@ -67,7 +72,7 @@ def topology_devices(name: str) -> list:
     bounds = tuple(dims + [1] * (3 - len(dims)))
     try:
       return list(topologies.get_topology_desc(topology_name=name, platform="tpu",
-                                               chips_per_host_bounds=bounds).devices)
+                                               chips_per_host_bounds=bounds, **options).devices)
     except Exception as e:  # noqa: BLE001
       raise TopologyError(f"libtpu does not know TPU topology {name!r}: {_first_line(e)}") from e
 
