@@ -23,10 +23,18 @@ def tiny_config(topology):
 
 
 @needs_libtpu
-def test_tiny_recipe_compiles_for_one_v5e_chip():
+def test_tiny_recipe_compiles_for_one_v5e_chip(monkeypatch):
   config = tiny_config("v5e:1x1")
   lines = []
+  # Every program is the one a TPU traces: the portable GELU (erfc), not this CPU's form.
+  traced = []
+  real_report = compile_plan._compiled_report
+  def report(name, batch, lowered, *rest):
+    traced.append((name, "erfc" in lowered.as_text()))
+    return real_report(name, batch, lowered, *rest)
+  monkeypatch.setattr(compile_plan, "_compiled_report", report)
   result = compile_plan.plan(config, log=lines.append)
+  assert traced and all(has_erfc for _, has_erfc in traced), traced
   text = "\n".join(lines)
   assert result["chips"] == 1 and result["device_kind"] == "TPU v5 lite"
   assert result["hbm_bytes"] == 16 * GIB

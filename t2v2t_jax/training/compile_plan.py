@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2v2t_jax import sharding as sharding_lib
-from t2v2t_jax.models import layer_stack
+from t2v2t_jax.models import cpu_ops, layer_stack
 from t2v2t_jax.models.t2v2t import abstract_params
 from t2v2t_jax.training import optimizer as optimizer_lib
 from t2v2t_jax.training import tpu_topology
@@ -139,9 +139,18 @@ def special_ids(vocab_size: int) -> dict:
 
 
 class Planner:
-  """Compiles one recipe's programs on a mesh over `devices`."""
+  """Compiles one recipe's programs on a mesh over `devices`.
+
+  Every program is traced with the portable forms of the model's ops (`cpu_ops`): JAX's
+  backend on this host is the CPU, but the programs are for the TPU, and must be the ones
+  a TPU run traces.
+  """
 
   def __init__(self, config, devices):
+    with cpu_ops.portable_forms():
+      self._init(config, devices)
+
+  def _init(self, config, devices):
     self.config = config
     self.devices = devices
     self.mesh = sharding_lib.make_mesh(config.mesh, devices=devices)
@@ -155,6 +164,10 @@ class Planner:
 
   # -- training ---------------------------------------------------------------------------
   def train_step(self, batch_per_device: int) -> ProgramReport:
+    with cpu_ops.portable_forms():
+      return self._train_step(batch_per_device)
+
+  def _train_step(self, batch_per_device: int) -> ProgramReport:
     c = self.config
     step = step_lib.jit_train_step(
         step_lib.make_train_step(
@@ -177,6 +190,10 @@ class Planner:
 
   # -- evaluation -------------------------------------------------------------------------
   def eval_programs(self) -> list[ProgramReport]:
+    with cpu_ops.portable_forms():
+      return self._eval_programs()
+
+  def _eval_programs(self) -> list[ProgramReport]:
     from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator  # noqa: PLC0415
     c, n = self.config, self.mesh.size
     evaluator = RetrievalEvaluator(self.graphdef, self.mesh, k=c.eval.k,
