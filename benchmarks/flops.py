@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 import json
 
-FUSION_MODES = ("v2t", "t2v2t", "t2v2t_naive", "joint")
+from t2v2t_jax.models.config import FUSION_MODES  # noqa: E402  (the names only)
 
 
 @dataclasses.dataclass(frozen=True)

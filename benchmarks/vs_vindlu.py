@@ -418,7 +418,7 @@ def ours_worker(conn, argv: list[str], weights_path: str | None, portable: bool 
       # What the evaluator's jitted video embedding computes (`RetrievalEvaluator`, used
       # by evaluation and `--mode search`): per-frame embeddings and float16 tokens.
       m = nnx.merge(graphdef, params)
-      pooled, tokens, _ = m.encode_video(frames)
+      pooled, tokens = m.encode_video(frames)
       return m.video_embedding(pooled), tokens.astype(jnp.float16)
     encode_video = jax.jit(encode_video)
 

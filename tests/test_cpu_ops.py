@@ -142,7 +142,7 @@ def test_video_encoder_training_pass_is_the_same_with_both_forms():
 
   def f(params, frames, key):
     def loss(params):
-      hidden, pooled, _ = nnx.merge(graphdef, params)(
+      hidden, pooled = nnx.merge(graphdef, params)(
           frames, deterministic=False, rngs=nnx.Rngs(dropout=key))
       return (hidden ** 2).mean() + (pooled ** 2).mean(), hidden
     return jax.value_and_grad(loss, has_aux=True)(params)

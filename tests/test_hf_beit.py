@@ -50,7 +50,7 @@ def our_cfg(image_size=IMAGE, depth=DEPTH):
 
 @nnx.jit
 def _forward(model, x):
-  h, pooled, _ = model(x)
+  h, pooled = model(x)
   return h, pooled
 
 

@@ -68,7 +68,7 @@ def _batch(video_idx, lengths, same):
 
 def _reference(model, batch, pairs):
   """(mean cross-entropy, accuracy on the positives, on the negatives), pair by pair."""
-  _, tokens, _ = model.encode_video(jnp.asarray(batch["frames"]))
+  _, tokens = model.encode_video(jnp.asarray(batch["frames"]))
   hidden, _ = model.encode_text(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
   losses, correct = [], []
   for video, text, label in pairs:

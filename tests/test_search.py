@@ -267,7 +267,7 @@ def test_explain_writes_a_picture_per_result(trained):
   @jax.jit
   def reference(params, frames, hidden, mask):
     model = nnx.merge(searcher.graphdef, params)
-    _, tokens, _ = model.encode_video(frames)
+    _, tokens = model.encode_video(frames)
     tokens = tokens.astype(jnp.float16).astype(jnp.float32)  # cached as float16
     fused, aux = model.fuse(hidden, mask, tokens, return_aux=True)
     (weights,) = aux["t2v_attention"]  # one T2V block ('once')

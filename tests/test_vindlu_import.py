@@ -377,7 +377,7 @@ def test_parity_with_transformers_bert_and_beit():
   images = rng.normal(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
   with torch.no_grad():
     out = beit(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
-  hidden, pooled, _ = model.vision_encoder(jnp.asarray(images)[:, None])
+  hidden, pooled = model.vision_encoder(jnp.asarray(images)[:, None])
   np.testing.assert_allclose(np.asarray(hidden[:, 0]), out.last_hidden_state.numpy(), atol=1e-4)
   np.testing.assert_allclose(np.asarray(pooled[:, 0]), out.pooler_output.numpy(), atol=1e-4)
 
@@ -517,7 +517,7 @@ def test_resizing_tables_and_temporal_embedding():
 # ------------------------------------------------------------------------------------------
 
 def retrieval_scores(model, frames, ids, mask):
-  pooled, tokens, _ = model.encode_video(frames)
+  pooled, tokens = model.encode_video(frames)
   text, _ = model.encode_text(ids, mask)
   v, t = model.video_embedding(pooled), model.text_embedding(text)
   sim = jnp.einsum("vfe,te->vt", v, t) / v.shape[1] / model.clamped_temp()   # mean of cosines

@@ -86,7 +86,7 @@ class RetrievalEvaluator:
 
     def encode_video(params, frames):
       m = model(params)
-      pooled, tokens, _ = m.encode_video(frames)
+      pooled, tokens = m.encode_video(frames)
       return m.video_embedding(pooled), tokens.astype(jnp.float16)
 
     def encode_text(params, ids, mask):

@@ -42,8 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t2v2t_jax.models import layers as L
-
-T2V_RESIDUALS = ("gated", "post_ln")
+from t2v2t_jax.models.config import T2V_RESIDUALS, check_choice
 
 
 class BypassCrossAttention(nnx.Module):
@@ -62,8 +61,7 @@ class BypassCrossAttention(nnx.Module):
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, eps: float,
                dropout_rate: float, bypass: bool = True, residual: str = "gated",
                use_ffn: bool = True, dtype=None, attention_impl: str = "auto", rngs: nnx.Rngs):
-    if residual not in T2V_RESIDUALS:
-      raise ValueError(f"t2v_residual={residual!r} is not one of {list(T2V_RESIDUALS)}")
+    check_choice("fusion.t2v_residual", residual, T2V_RESIDUALS)
     self.bypass = bool(bypass)
     self.residual = residual
     self.use_ffn = bool(use_ffn)

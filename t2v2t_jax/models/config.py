@@ -100,12 +100,18 @@ def model_config(vision: str = "B/16", text: str = "base", fusion_mode: str = "t
   return c
 
 
-def validate_model_config(c: ml_collections.ConfigDict) -> None:
-  """Fail early, naming the field, for choices that would only break at trace time."""
-  def check(field, value, allowed):
-    if value not in allowed:
-      raise ValueError(f"model.{field}={value!r} is not one of {list(allowed)}")
+def check_choice(field: str, value, allowed) -> None:
+  """`model.<field>=<value>` must be one of `allowed`: else one line naming both."""
+  if value not in allowed:
+    raise ValueError(f"model.{field}={value!r} is not one of {list(allowed)}")
 
+
+def validate_model_config(c: ml_collections.ConfigDict) -> None:
+  """Fail early, naming the field, for choices that would only break at trace time.
+
+  The one place these rules live: `T2V2T` and `FusionEncoder` call it when built.
+  """
+  check = check_choice
   check("fusion.mode", c.fusion.mode, FUSION_MODES)
   check("fusion.t2v_placement", c.fusion.t2v_placement, T2V_PLACEMENTS)
   check("fusion.layer_order", c.fusion.layer_order, LAYER_ORDERS)

@@ -29,22 +29,21 @@ Parameter paths:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from t2v2t_jax.models import layer_stack
 from t2v2t_jax.models import layers as L
 from t2v2t_jax.models.bypass import BypassCrossAttention
+from t2v2t_jax.models.config import validate_model_config
 from t2v2t_jax.models.text_encoder import BertLayer, apply_bert_layers
 
-FUSION_MODES = ("v2t", "t2v2t", "t2v2t_naive", "joint")
 T2V_MODES = ("t2v2t", "t2v2t_naive")
 
 
 def _layer_with_t2v(layer, block, x, key_mask, video, *, deterministic, rngs, return_weights):
   """One fusion layer whose V2T keys/values come from its own T2V block ('per_layer')."""
-  b, t, n, d = video.shape
   video_t2v, weights = None, None
   for sub_block in layer.order:
     if sub_block == "self":
@@ -52,7 +51,7 @@ def _layer_with_t2v(layer, block, x, key_mask, video, *, deterministic, rngs, re
     elif sub_block == "cross":
       video_t2v, weights = block(x, key_mask, video, deterministic=deterministic, rngs=rngs,
                                  return_weights=return_weights)
-      x = layer.cross_attention_block(x, video_t2v.reshape(b, t * n, d),
+      x = layer.cross_attention_block(x, rearrange(video_t2v, "b t n d -> b (t n) d"),
                                       deterministic=deterministic, rngs=rngs)
     else:
       x = layer.ffn_block(x, deterministic=deterministic, rngs=rngs)
@@ -85,13 +84,7 @@ class FusionEncoder(nnx.Module):
                attention_impl: str = "auto", rngs: nnx.Rngs):
     cfg_t, cfg_f = model_cfg.text, model_cfg.fusion
     dtype = L.as_dtype(dtype)
-    if cfg_f.mode not in FUSION_MODES:
-      raise ValueError(f"model.fusion.mode={cfg_f.mode!r} is not one of {list(FUSION_MODES)}")
-    if cfg_f.t2v_placement not in ("once", "per_layer"):
-      raise ValueError(f"model.fusion.t2v_placement={cfg_f.t2v_placement!r} is not 'once' or 'per_layer'")
-    if cfg_f.mode != "v2t" and model_cfg.vision.width != cfg_t.width:
-      raise ValueError(f"fusion mode {cfg_f.mode!r} needs model.vision.width "
-                       f"({model_cfg.vision.width}) == model.text.width ({cfg_t.width})")
+    validate_model_config(model_cfg)
     self.mode = cfg_f.mode
     self.t2v_placement = cfg_f.t2v_placement
     self.keep_frame_cls = bool(cfg_f.keep_frame_cls)
@@ -140,14 +133,14 @@ class FusionEncoder(nnx.Module):
     key_mask = text_mask.astype(bool)
     if not self.keep_frame_cls:
       video_tokens = video_tokens[:, :, 1:]
-    b, t, n, dv = video_tokens.shape
+    b, t, n, _ = video_tokens.shape
     lt = text_hidden.shape[1]
     x = text_hidden
     t2v_weights, t2v_video = [], []
     stack_kw = dict(rngs=rngs, remat=self.remat, scan=self.scan_layers)
 
     if self.mode == "joint":
-      video_flat = video_tokens.reshape(b, t * n, dv).astype(x.dtype)
+      video_flat = rearrange(video_tokens, "b t n d -> b (t n) d").astype(x.dtype)
       seq = jnp.concatenate([x, video_flat], axis=1)
       seq_mask = jnp.concatenate([key_mask, jnp.ones((b, t * n), bool)], axis=1)
       seq, outputs = apply_bert_layers(self.layers, seq, seq_mask, deterministic=deterministic,
@@ -164,7 +157,7 @@ class FusionEncoder(nnx.Module):
                                                         rngs=rngs, remat=self.remat)
         t2v_weights.append(weights)
         t2v_video.append(video_tokens)
-      kv = video_tokens.reshape(b, t * n, dv)
+      kv = rearrange(video_tokens, "b t n d -> b (t n) d")
       x, layer_outputs = apply_bert_layers(self.layers, x, key_mask, kv=kv,
                                            deterministic=deterministic, **stack_kw)
 

@@ -114,11 +114,11 @@ class T2V2T(nnx.Module):
 
   # -- encoders ---------------------------------------------------------------------------
   def encode_video(self, frames, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
-    """uint8 (or already normalised float) frames [B,T,H,W,3] -> (pooled, tokens, aux)."""
+    """uint8 (or already normalised float) frames [B,T,H,W,3] -> (pooled [B,T,D], tokens [B,T,N,D])."""
     x = normalize_frames(frames, self.dtype or jnp.float32) if frames.dtype == jnp.uint8 else frames
-    last_hidden, pooled, aux = self.vision_encoder(x, deterministic=deterministic, rngs=rngs)
+    last_hidden, pooled = self.vision_encoder(x, deterministic=deterministic, rngs=rngs)
     tokens = self.vision_layernorm(last_hidden)
-    return pooled, tokens, aux
+    return pooled, tokens
 
   def encode_text(self, input_ids, attention_mask, *, deterministic: bool = True,
                   rngs: nnx.Rngs | None = None):

@@ -22,7 +22,6 @@ Parameter paths (`nnx.state` flattened with dots), for a Hugging Face key
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

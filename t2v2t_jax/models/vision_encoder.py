@@ -61,6 +61,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from t2v2t_jax.models import layer_stack
@@ -283,15 +284,13 @@ class TemporalAttention(nnx.Module):
     # The textbook form (transpose to [B*N, T, D], attend, transpose back) moved every
     # layer's activations twice more; on XLA:CPU those copies cost more than the attention.
     attn = self.attention
-    b, t, n, _ = x.shape
     y = self.norm(x)
     heads, hd = attn.num_heads, attn.head_dim
-    q = attn.query(y).reshape(b, t, n, heads, hd)
-    k = attn.key(y).reshape(b, t, n, heads, hd)
-    v = attn.value(y).reshape(b, t, n, heads, hd)
+    split = lambda z: rearrange(z, "b t n (h d) -> b t n h d", h=heads)
+    q, k, v = split(attn.query(y)), split(attn.key(y)), split(attn.value(y))
     logits = jnp.einsum("btnhd,bsnhd->bnhts", q, k).astype(jnp.float32) * hd ** -0.5
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bnhts,bsnhd->btnhd", weights, v).reshape(b, t, n, heads * hd)
+    y = rearrange(jnp.einsum("bnhts,bsnhd->btnhd", weights, v), "b t n h d -> b t n (h d)")
     y = self.out_proj(y)
     y = L.drop_path(y, drop_path_rate, deterministic=deterministic, rngs=rngs)
     return x + self.scale[...].astype(y.dtype) * y
@@ -321,8 +320,8 @@ class BeitLayer(nnx.Module):
 
   def __call__(self, x, *, grid: tuple[int, int], drop_path_rate, deterministic: bool,
                rngs: nnx.Rngs | None):
-    b, t, n, d = x.shape
-    h = x.reshape(b * t, n, d)
+    t = x.shape[1]
+    h = rearrange(x, "b t n d -> (b t) n d")   # the BEiT layer sees each frame as an image
     bias = self.relative_position_bias(grid)
     y = self.layernorm_before(h)
     y = self.attention(y, y, bias=bias, deterministic=deterministic, rngs=rngs)
@@ -334,7 +333,7 @@ class BeitLayer(nnx.Module):
     y = L.dropout(y, self.dropout_rate, deterministic=deterministic, rngs=rngs)
     h = h + L.drop_path(self.lambda_2[...].astype(y.dtype) * y, drop_path_rate,
                         deterministic=deterministic, rngs=rngs)
-    x = h.reshape(b, t, n, d)
+    x = rearrange(h, "(b t) n d -> b t n d", t=t)
     if t > 1:
       x = self.temporal(x, drop_path_rate=drop_path_rate, deterministic=deterministic, rngs=rngs)
     return x
@@ -379,10 +378,9 @@ class VideoEncoder(nnx.Module):
     self.pooler_norm = L.layer_norm(cfg.width, eps=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
-    """x float `[B, T, H, W, 3]` (normalised) -> `(last_hidden [B,T,N,D], pooled [B,T,D], aux)`.
+    """x float `[B, T, H, W, 3]` (normalised) -> `(last_hidden [B,T,N,D], pooled [B,T,D])`.
 
-    `pooled` = `pooler_norm(mean of the patch tokens)` per frame (CLS excluded). `aux` is an
-    empty dict, reserved for diagnostics.
+    `pooled` = `pooler_norm(mean of the patch tokens)` per frame (CLS excluded).
     """
     if x.ndim != 5:
       raise ValueError(f"VideoEncoder expects [B, T, H, W, 3], got shape {tuple(x.shape)}")
@@ -400,4 +398,4 @@ class VideoEncoder(nnx.Module):
 
     patch_mean = hidden[:, :, 1:].astype(jnp.float32).mean(axis=2).astype(hidden.dtype)
     pooled = self.pooler_norm(patch_mean)
-    return hidden, pooled, {}
+    return hidden, pooled

@@ -46,7 +46,7 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
   rngs = None if deterministic else nnx.Rngs(dropout=k_drop)
   ids, mask, video_idx = batch["input_ids"], batch["attention_mask"], batch["video_idx"]
 
-  pooled, video_tokens, _ = model.encode_video(batch["frames"], deterministic=deterministic, rngs=rngs)
+  pooled, video_tokens = model.encode_video(batch["frames"], deterministic=deterministic, rngs=rngs)
   text_hidden, _ = model.encode_text(ids, mask, deterministic=deterministic, rngs=rngs)
   temp = model.clamped_temp()
   sim = similarity(model.video_embedding(pooled), model.text_embedding(text_hidden))
