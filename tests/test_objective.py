@@ -17,7 +17,8 @@ import pytest
 from t2v2t_jax.checkpoints.params import assign_into
 from t2v2t_jax.models.config import model_config
 from t2v2t_jax.models.t2v2t import create_model
-from t2v2t_jax.training.objective import compute_losses
+from t2v2t_jax.models.t2v2t import similarity
+from t2v2t_jax.training.objective import _hard_negatives, compute_losses
 
 SPECIAL_IDS = {"cls": 1, "pad": 0, "mask": 2, "vocab_size": 64}
 FRAMES, SIZE = 2, 32
@@ -100,3 +101,46 @@ def test_vtm_rows_and_labels_match_a_pair_by_pair_reference(case):
   # The reference is sensitive to the labels: swapping them changes the loss.
   swapped = [(v, t, 1 - label) for v, t, label in pairs]
   assert abs(_reference(model, batch, swapped)[0] - want_loss) > 1e-3
+
+
+def test_per_device_negatives_come_from_the_rows_own_group():
+  # Four videos in two groups of two (vtm_negatives='per_device' on two devices): within
+  # its group each text has one negative video and each video one negative text, so the
+  # pairs are forced again; drawn from the whole batch they would not be.
+  video_idx, lengths, same = [0, 1, 2, 3], [6, 3, 4, 5], [0, 1, 2, 3]
+  pairs = ([(j, j, 1) for j in range(4)]
+           + [(1, 0, 0), (0, 1, 0), (3, 2, 0), (2, 3, 0)]     # (negative video, text)
+           + [(0, 1, 0), (1, 0, 0), (2, 3, 0), (3, 2, 0)])    # (video, negative text)
+  model, batch = _model(), _batch(video_idx, lengths, same)
+  weights = {"vtc": 0.0, "vtm": 1.0, "mlm": 0.0}
+  want_loss, _, _ = _reference(model, batch, pairs)
+  for seed in range(3):
+    _, metrics = compute_losses(model, jax.tree.map(jnp.asarray, batch), jax.random.key(seed),
+                                loss_weights=weights, special_ids=SPECIAL_IDS,
+                                deterministic=True, negative_groups=2)
+    np.testing.assert_allclose(float(metrics["loss_vtm"]), want_loss, rtol=1e-5)
+  # The fused pairs above barely depend on which video is the negative (an untrained
+  # model), so the draws themselves: within the groups with 2, across them with 1.
+  pooled, _ = model.encode_video(jnp.asarray(batch["frames"]))
+  hidden, _ = model.encode_text(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+  video_emb, text_emb = model.video_embedding(pooled), model.text_embedding(hidden)
+  sim = similarity(video_emb, text_emb)
+  crossed = False
+  for seed in range(4):
+    key, idx = jax.random.key(seed), jnp.asarray(video_idx)
+    grouped = _hard_negatives(sim, video_emb, text_emb, 0.07, idx, key, 2)
+    assert all(np.array_equal(np.asarray(g), [[1, 0], [1, 0]]) for g in grouped)
+    whole = _hard_negatives(sim, video_emb, text_emb, 0.07, idx, key, 1)
+    crossed |= any((np.asarray(w)[0] // 2 != np.arange(4) // 2).any() for w in whole)
+  assert crossed
+
+
+def test_per_device_negatives_need_two_rows_per_device():
+  from t2v2t_jax.sharding import make_mesh  # noqa: PLC0415
+  from t2v2t_jax.training.train_step import negative_groups  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), devices=jax.devices()[:1])
+  assert negative_groups("global", 8, mesh) == 1
+  assert negative_groups("per_device", 8, mesh) == 1
+  with pytest.raises(ValueError, match="at least 2 rows per device"):
+    negative_groups("per_device", 1, mesh)

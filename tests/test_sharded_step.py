@@ -65,6 +65,26 @@ SCRIPT = textwrap.dedent(r"""
     assert max(diffs) < 1e-5, max(diffs)
     np.testing.assert_allclose(s1, s8, atol=1e-5)
     print("OK max param diff", max(diffs))
+
+    # vtm_negatives='per_device' on 4 devices (2 rows each) is the same step as its four
+    # row groups on one device.
+    grouped = {}
+    for n in (1, 4):
+      mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.devices()[:n])
+      abstract = S.abstract_state(mc, tx, 0)
+      shardings = S.state_shardings(abstract, mesh)
+      state = S.create_sharded_state(mc, tx, 0, shardings)
+      step = T.jit_train_step(T.make_train_step(
+          graphdef, tx, loss_weights=dict(vtc=1.0, vtm=1.0, mlm=1.0), special_ids=special,
+          temp_bounds=(0.001, 0.5), negative_groups=T.negative_groups("per_device", B, mesh) if n == 4 else 4),
+          shardings, mesh)
+      gbatch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+      new_state, metrics = step(state, gbatch)
+      grouped[n] = (float(metrics["loss"]), jax.tree.map(np.asarray, new_state["params"]))
+    assert abs(grouped[1][0] - grouped[4][0]) < 1e-5, (grouped[1][0], grouped[4][0])
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), grouped[1][1], grouped[4][1]))
+    assert max(diffs) < 1e-5, max(diffs)
+    print("OK per-device negatives", grouped[4][0])
 """)
 
 
@@ -75,4 +95,4 @@ def test_train_step_and_rerank_match_on_1_and_8_devices():
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  assert "OK max param diff" in proc.stdout
+  assert "OK max param diff" in proc.stdout and "OK per-device negatives" in proc.stdout

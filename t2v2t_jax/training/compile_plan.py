@@ -45,8 +45,10 @@ class ProgramReport:
   """One compiled program's per-device memory (bytes) and cost.
 
   `compiled` is False when the TPU compiler refused the program for lack of HBM; its
-  `total_bytes` is then what the compiler said the program needs (temporaries) plus the
-  state's share, and `fits` is False.
+  `temp_bytes` is then the temporaries the compiler named when it gave up, and
+  `total_bytes` that plus the state's share. That figure is where the compiler stopped, not
+  what the program needs: it is not monotonic in the batch (paper-size pretraining on one
+  v5e chip was refused at 96 clips naming 16.87G, on 8 chips at 64 naming 19.84G).
   """
   name: str
   batch_per_device: int
@@ -173,7 +175,10 @@ class Planner:
         step_lib.make_train_step(
             self.graphdef, self.tx, loss_weights=c.loss_weights,
             special_ids=special_ids(c.model.text.vocab_size),
-            temp_bounds=(c.model.temp_min, c.model.temp_max)),
+            temp_bounds=(c.model.temp_min, c.model.temp_max),
+            negative_groups=step_lib.negative_groups(
+                c.get("vtm_negatives", "global"), batch_per_device * self.mesh.size,
+                self.mesh)),
         self.shardings, self.mesh)
     b = batch_per_device * self.mesh.size
     size = c.model.vision.image_size
@@ -253,8 +258,11 @@ class Planner:
         log(f"  compiling the train step at {b} per device ...")
         known[b] = self.train_step(b)
         r = known[b]
-        log(f"  {b} per device: {r.total_bytes / GIB:.2f} GiB, "
-            f"{'fits' if r.fits(cap) else 'does not fit'} ({r.compile_s:.0f} s)")
+        if r.compiled:
+          log(f"  {b} per device: {r.total_bytes / GIB:.2f} GiB, "
+              f"{'fits' if r.fits(cap) else 'does not fit'} ({r.compile_s:.0f} s)")
+        else:
+          log(f"  {b} per device: refused, out of HBM ({r.compile_s:.0f} s)")
       return known[b]
 
     b0 = min(known) if known else 8
@@ -299,14 +307,22 @@ def format_table(reports: list[ProgramReport], capacity: int | None) -> str:
   lines = [head, "-" * len(head)]
   for r in reports:
     fits = r.fits(capacity)
+    verdict = ("-" if fits is None else "yes" if fits else
+               "NO (refused)" if not r.compiled else "NO (total)")
+    total = f"{r.total_bytes / GIB:>7.2f}" if r.compiled else f"{'-':>7}"
+    params = (f"{'-':>7}" if not r.compiled and not r.params_bytes
+              else f"{r.params_bytes / GIB:>7.2f}")   # a refused evaluation program
     flops = "-" if r.flops_per_device is None else f"{r.flops_per_device / 1e12:.2f}"
     lines.append(
-        f"{r.name:<40} {r.batch_per_device:>9} {r.params_bytes / GIB:>7.2f} "
-        f"{r.opt_state_bytes / GIB:>7.2f} {r.temp_bytes / GIB:>7.2f} {r.total_bytes / GIB:>7.2f} "
-        f"{'-' if fits is None else ('yes' if fits else 'NO'):>15} {flops:>10} {r.compile_s:>9.0f}")
+        f"{r.name:<40} {r.batch_per_device:>9} {params} "
+        f"{r.opt_state_bytes / GIB:>7.2f} {r.temp_bytes / GIB:>7.2f} {total} "
+        f"{verdict:>15} {flops:>10} {r.compile_s:>9.0f}")
   lines.append("(GiB per device; params and opt st: the train state's share (evaluation "
                "programs: their arguments, the parameters they use and the batch); temps: "
                "XLA's temporaries; total = arguments + outputs - aliased + temporaries + code; "
+               "NO (refused): the compiler ran out of HBM (temps: what it named when it gave up, "
+               "not the program's need); NO (total): compiled, but its total exceeds the chip's "
+               "HBM (the compiler's own check, temporaries against its usable HBM, is looser); "
                "TFLOP/dev: XLA's count, which takes a scanned layer stack's body once, so with "
                "scan_layers on it is a lower bound: benchmarks/flops.py gives the model's count)")
   return "\n".join(lines)

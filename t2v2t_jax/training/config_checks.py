@@ -33,6 +33,8 @@ def check_run_settings(config, mode: str = "train") -> None:
                        "evaluate only at the end)")
     if config.get("total_steps") is not None and config.total_steps < 0:
       raise ValueError(f"total_steps={config.total_steps} must be >= 0 (0: from the epochs)")
+  if config.get("vtm_negatives", "global") not in ("global", "per_device"):
+    raise ValueError(f"vtm_negatives={config.vtm_negatives!r} is not one of ['global', 'per_device']")
   fraction = config.data.get("failure_fraction", 0.0)
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"data.failure_fraction={fraction} must be within [0, 1]")

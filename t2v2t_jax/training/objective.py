@@ -2,9 +2,14 @@
 
 Runs inside the jitted train step on the GLOBAL batch: with `jax.jit` and a batch
 sharded over the mesh, `sim` is the full [B, B] matrix, so VTC is the global-batch loss
-and VTM hard negatives are drawn from the whole batch (a DECISION: VindLU drew them from
-the per-GPU batch; the global batch gives harder negatives and makes the step independent
-of the device count).
+and VTM hard negatives are drawn from the whole batch by default (a DECISION: VindLU drew them
+from the per-GPU batch; the global batch gives harder negatives and makes the step
+independent of the device count).
+
+`vtm_negatives='per_device'` (`negative_groups` = the devices the batch is split over) draws
+them as VindLU did, each device's rows from its own rows. Why offer it: global negatives
+need every device to hold the fused inputs of the whole batch (the video tokens, [B, T*N, D])
+for the row selection; per-device groups keep that local.
 """
 
 from __future__ import annotations
@@ -31,7 +36,32 @@ def select_rows(x, index):
   return rows.reshape(index.shape + x.shape[1:])
 
 
-def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, deterministic=False):
+def _hard_negatives(sim, video_emb, text_emb, temp, video_idx, key, groups: int):
+  """(neg_video, neg_text), each [g, n]: drawn within each of `groups` contiguous row groups
+  of the batch, indices local to the group (g = 1: the whole batch's `sim`)."""
+  if groups == 1:
+    neg_video, neg_text = losses.sample_hard_negatives(jax.lax.stop_gradient(sim), temp,
+                                                       video_idx, key)
+    return neg_video[None], neg_text[None]
+  b = video_idx.shape[0]
+  if b % groups:
+    raise ValueError(f"a batch of {b} does not split into {groups} VTM negative groups")
+  grouped = lambda x: x.reshape((groups, b // groups) + x.shape[1:])
+  def one_group(v, t, idx, k):
+    return losses.sample_hard_negatives(jax.lax.stop_gradient(similarity(v, t)), temp, idx, k)
+  return jax.vmap(one_group)(grouped(video_emb), grouped(text_emb), grouped(video_idx),
+                             jax.random.split(key, groups))
+
+
+def _select_in_groups(x, index, select=select_rows):
+  """Rows of `x` [B, ...] picked by `index` [g, n] within each group -> [B, ...]."""
+  g, n = index.shape
+  rows = jax.vmap(select)(x.reshape((g, n) + x.shape[1:]), index)
+  return rows.reshape(x.shape)
+
+
+def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, deterministic=False,
+                   negative_groups: int = 1):
   """Returns (total_loss, metrics) for one batch.
 
   Args:
@@ -41,6 +71,8 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
     key: PRNG key for this step (dropout, negatives, masking).
     loss_weights: mapping with vtc, vtm, mlm weights; a zero weight skips that loss.
     special_ids: cls, pad, mask token ids and vocab_size, for MLM masking.
+    negative_groups: 1 draws VTM negatives from the whole batch; g > 1 from each of g
+      contiguous row groups (the per-device shards: `vtm_negatives='per_device'`).
   """
   k_drop, k_neg, k_mask = jax.random.split(key, 3)
   rngs = None if deterministic else nnx.Rngs(dropout=k_drop)
@@ -49,7 +81,8 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
   pooled, video_tokens = model.encode_video(batch["frames"], deterministic=deterministic, rngs=rngs)
   text_hidden, _ = model.encode_text(ids, mask, deterministic=deterministic, rngs=rngs)
   temp = model.clamped_temp()
-  sim = similarity(model.video_embedding(pooled), model.text_embedding(text_hidden))
+  video_emb, text_emb = model.video_embedding(pooled), model.text_embedding(text_hidden)
+  sim = similarity(video_emb, text_emb)
 
   metrics = {"temp": temp}
   total = jnp.zeros((), jnp.float32)
@@ -60,12 +93,14 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
     total = total + loss_weights["vtc"] * vtc
 
   if loss_weights["vtm"]:
-    neg_video, neg_text = losses.sample_hard_negatives(jax.lax.stop_gradient(sim), temp, video_idx, k_neg)
+    neg_video, neg_text = _hard_negatives(sim, video_emb, text_emb, temp, video_idx, k_neg,
+                                          negative_groups)
     # Pairs in order: (v, t) positive, (v_neg, t) negative, (v, t_neg) negative.
-    fused_text = jnp.concatenate([text_hidden, text_hidden, select_rows(text_hidden, neg_text)], axis=0)
-    fused_mask = jnp.concatenate([mask, mask, mask[neg_text]], axis=0)
-    fused_video = jnp.concatenate([video_tokens, select_rows(video_tokens, neg_video), video_tokens],
-                                  axis=0)
+    fused_text = jnp.concatenate([text_hidden, text_hidden, _select_in_groups(text_hidden, neg_text)],
+                                 axis=0)
+    fused_mask = jnp.concatenate([mask, mask, _select_in_groups(mask, neg_text, lambda m, i: m[i])], axis=0)
+    fused_video = jnp.concatenate([video_tokens, _select_in_groups(video_tokens, neg_video),
+                                   video_tokens], axis=0)
     fused, _ = model.fuse(fused_text, fused_mask, fused_video, deterministic=deterministic, rngs=rngs)
     vtm, vtm_aux = losses.vtm_loss(model.itm_logits(fused))
     metrics["loss_vtm"] = vtm

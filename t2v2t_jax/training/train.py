@@ -85,7 +85,9 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
       step_lib.make_train_step(
           graphdef, tx, loss_weights=config.loss_weights, special_ids=special_ids,
           temp_bounds=(config.model.temp_min, config.model.temp_max),
-          lr_schedule=lambda s: schedule(s // accum)),
+          lr_schedule=lambda s: schedule(s // accum),
+          negative_groups=step_lib.negative_groups(
+              config.get("vtm_negatives", "global"), config.batch_size, mesh)),
       shardings, mesh)
 
   # ------------------------------------------------------------------ Load checkpoint

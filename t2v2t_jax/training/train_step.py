@@ -19,8 +19,22 @@ from t2v2t_jax.training.train_state import PRNG_IMPL
 from t2v2t_jax.tree_paths import parameter_path
 
 
-def make_train_step(graphdef, tx, *, loss_weights, special_ids, temp_bounds, lr_schedule=None):
-  """The pure train step `(state, batch) -> (state, metrics)`; jit it with shardings."""
+def negative_groups(vtm_negatives: str, batch_size: int, mesh) -> int:
+  """Row groups the VTM negatives are drawn in (config `vtm_negatives`): 1 ('global') or
+  every device the batch is split over ('per_device'; the rows are sharded contiguously)."""
+  if vtm_negatives == "global":
+    return 1
+  if batch_size % mesh.size or batch_size // mesh.size < 2:
+    raise ValueError(f"vtm_negatives='per_device' needs at least 2 rows per device: "
+                     f"batch_size={batch_size} over {mesh.size} devices")
+  return mesh.size
+
+
+def make_train_step(graphdef, tx, *, loss_weights, special_ids, temp_bounds, lr_schedule=None,
+                    negative_groups: int = 1):
+  """The pure train step `(state, batch) -> (state, metrics)`; jit it with shardings.
+
+  `negative_groups`: see `objective.compute_losses` and `negative_groups` above."""
   loss_weights = dict(loss_weights)
   lo, hi = temp_bounds
 
@@ -30,7 +44,8 @@ def make_train_step(graphdef, tx, *, loss_weights, special_ids, temp_bounds, lr_
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
-      return compute_losses(model, batch, key, loss_weights=loss_weights, special_ids=special_ids)
+      return compute_losses(model, batch, key, loss_weights=loss_weights, special_ids=special_ids,
+                            negative_groups=negative_groups)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
