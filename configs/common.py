@@ -48,7 +48,7 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
   c.data.prepared_dir = c.get_ref("data_root") + "/prepared"  # shards of `--mode prepare`
   c.optimizer = optimizer_config()
   c.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0))
-  c.vtm_negatives = "global"           # 'global' | 'per_device' (VindLU's; less memory on many chips)
+  c.vtm_negatives = "global"           # 'global' | 'per_device' (VindLU's scope: each device's rows)
   c.batch_size = 512                   # global batch (all devices, all hosts)
   c.num_frames = 4                     # training frames
   c.total_steps = 0                    # 0: optimizer.epochs x steps per epoch

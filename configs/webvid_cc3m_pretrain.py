@@ -9,6 +9,7 @@ video or all images. Expects `{data_root}/anno/webvid_2.5m_train.json`,
 `{data_root}/anno/cc3m_train.json`, videos under `videos/webvid`, images under
 `images/cc3m`. Fine-tuned from this, T2V2T reaches R@1 44.4 (MSR-VTT), 56.0 (DiDeMo),
 52.1 (ActivityNet).
+On TPU: as configs/webvid_pretrain.py (its video batches compile to the same program).
 """
 
 from configs import common, webvid_pretrain

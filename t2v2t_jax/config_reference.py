@@ -103,7 +103,7 @@ DESCRIPTIONS = {
     "loss_weights.vtc": "Weight of the video-text contrastive loss over the global batch (0 skips it).",
     "loss_weights.vtm": "Weight of the video-text matching loss with hard negatives (0 skips it).",
     "loss_weights.mlm": "Weight of the masked-language-modelling loss (pretraining only; 0 skips it).",
-    "vtm_negatives": "Where VTM hard negatives come from: 'global' (the whole batch) or 'per_device' (each device's rows, as VindLU; every device then holds only its own rows' video tokens for the selection, which saves HBM on many chips).",
+    "vtm_negatives": "Where VTM hard negatives come from: 'global' (the whole batch) or 'per_device' (each device's own rows, as VindLU drew them: to reproduce its objective).",
     # Mesh.
     "mesh.data": "Size of the data-parallel mesh axis; -1 takes every device not used by `fsdp`. The batch is split over data x fsdp.",
     "mesh.fsdp": "Size of the FSDP axis: parameters and optimizer state of at least `fsdp_min_size` elements are split over it (1: replicated).",

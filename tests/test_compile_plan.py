@@ -37,7 +37,7 @@ def test_tiny_recipe_compiles_for_one_v5e_chip(monkeypatch):
   assert traced and all(has_erfc for _, has_erfc in traced), traced
   text = "\n".join(lines)
   assert result["chips"] == 1 and result["device_kind"] == "TPU v5 lite"
-  assert result["hbm_bytes"] == 16 * GIB
+  assert result["hbm_bytes"] == 16 * GIB and result["usable_hbm_bytes"] == int(15.75 * GIB)
   names = [p["name"] for p in result["programs"]]
   assert names[0].startswith("train step") and any("rerank scorer" in n for n in names)
   assert any("video encoder" in n for n in names) and any("text encoder" in n for n in names)
@@ -47,9 +47,29 @@ def test_tiny_recipe_compiles_for_one_v5e_chip(monkeypatch):
   # Adam keeps two moments per parameter (float32), plus a step count.
   assert 2 * train["params_bytes"] <= train["opt_state_bytes"] < 2 * train["params_bytes"] + 1024
   assert train["flops_per_device"] > 0
-  for column in ("params", "opt st", "temps", "total", "fits 16.0 GiB", "TFLOP/dev", "compile s"):
+  for column in ("params", "opt st", "temps", "total", "fits 15.75 GiB", "TFLOP/dev", "compile s"):
     assert column in text
-  assert "yes" in text and "NO" not in text
+  rows = [line for line in text.splitlines()
+          if line.startswith(("train step", "video encoder", "text encoder", "rerank scorer"))]
+  assert len(rows) == 4 and all(" yes " in row and " NO " not in row for row in rows), rows
+
+
+def test_table_says_why_a_program_does_not_fit():
+  gib = compile_plan.GIB
+  report = lambda name, temp, total, compiled, params=gib: compile_plan.ProgramReport(
+      name, 8, params, 2 * gib, int(temp * gib), int(total * gib), None, 1.0, compiled=compiled)
+  text = compile_plan.format_table([
+      report("refused step", 19.84, 22.5, False),
+      report("refused encoder", 26.0, 26.0, False, params=0),
+      report("over", 15.0, 16.6, True),
+      report("fits", 12.0, 15.6, True)], 16 * gib)
+  rows = {line.split("  ")[0]: line for line in text.splitlines()[2:6]}
+  # A refusal's figure is where the compiler stopped: shown as temps, never as a total.
+  assert "NO (refused)" in rows["refused step"] and "22.50" not in rows["refused step"]
+  assert "19.84" in rows["refused step"]
+  assert rows["refused encoder"].split()[3] == "-"          # its parameters are unknown
+  assert "NO (total)" in rows["over"] and "16.60" in rows["over"]
+  assert " yes " in rows["fits"]
 
 
 @needs_libtpu

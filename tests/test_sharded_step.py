@@ -38,19 +38,26 @@ SCRIPT = textwrap.dedent(r"""
                  video_idx=np.array([0, 1, 1, 2, 3, 4, 4, 5], np.int32))
     special = dict(cls=2, pad=0, mask=4, vocab_size=mc.text.vocab_size)
 
-    results = {}
-    for n in (1, 8):
+    def one_step(n, negative_groups=1):
+      # (mesh, new state, metrics) of one train step on the first n devices.
       mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.devices()[:n])
       abstract = S.abstract_state(mc, tx, 0)
       shardings = S.state_shardings(abstract, mesh)
       state = S.create_sharded_state(mc, tx, 0, shardings)
       step = T.jit_train_step(T.make_train_step(
           graphdef, tx, loss_weights=dict(vtc=1.0, vtm=1.0, mlm=1.0), special_ids=special,
-          temp_bounds=(0.001, 0.5)), shardings, mesh)
+          temp_bounds=(0.001, 0.5), negative_groups=negative_groups), shardings, mesh)
       gbatch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
-      new_state, metrics = step(state, gbatch)
-      params = jax.tree.map(np.asarray, new_state["params"])
+      return (mesh,) + step(state, gbatch)
 
+    def max_diff(a, b):
+      return max(jax.tree.leaves(jax.tree.map(
+          lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)))
+
+    results = {}
+    for n in (1, 8):
+      mesh, new_state, metrics = one_step(n)
+      params = jax.tree.map(np.asarray, new_state["params"])
       evaluator = RetrievalEvaluator(graphdef, mesh, k=4, rerank_batch_size=8, progress=False)
       pairs = np.array([[v, t] for v in range(5) for t in range(3)], np.int64)
       hidden = rng.standard_normal((3, L, mc.text.width)).astype(np.float32) if n == 1 else hidden
@@ -61,30 +68,18 @@ SCRIPT = textwrap.dedent(r"""
     (l1, p1, s1, m1), (l8, p8, s8, m8) = results[1], results[8]
     print("loss", l1, l8, m1, m8)
     assert abs(l1 - l8) < 1e-5, (l1, l8)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p8))
-    assert max(diffs) < 1e-5, max(diffs)
+    assert max_diff(p1, p8) < 1e-5, max_diff(p1, p8)
     np.testing.assert_allclose(s1, s8, atol=1e-5)
-    print("OK max param diff", max(diffs))
+    print("OK max param diff", max_diff(p1, p8))
 
     # vtm_negatives='per_device' on 4 devices (2 rows each) is the same step as its four
     # row groups on one device.
-    grouped = {}
-    for n in (1, 4):
-      mesh = sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.devices()[:n])
-      abstract = S.abstract_state(mc, tx, 0)
-      shardings = S.state_shardings(abstract, mesh)
-      state = S.create_sharded_state(mc, tx, 0, shardings)
-      step = T.jit_train_step(T.make_train_step(
-          graphdef, tx, loss_weights=dict(vtc=1.0, vtm=1.0, mlm=1.0), special_ids=special,
-          temp_bounds=(0.001, 0.5), negative_groups=T.negative_groups("per_device", B, mesh) if n == 4 else 4),
-          shardings, mesh)
-      gbatch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
-      new_state, metrics = step(state, gbatch)
-      grouped[n] = (float(metrics["loss"]), jax.tree.map(np.asarray, new_state["params"]))
-    assert abs(grouped[1][0] - grouped[4][0]) < 1e-5, (grouped[1][0], grouped[4][0])
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), grouped[1][1], grouped[4][1]))
-    assert max(diffs) < 1e-5, max(diffs)
-    print("OK per-device negatives", grouped[4][0])
+    mesh4 = sharding.make_mesh({"data": -1, "fsdp": 1}, devices=jax.devices()[:4])
+    _, s4, m4 = one_step(4, T.negative_groups("per_device", B, mesh4))
+    _, s1g, m1g = one_step(1, 4)
+    assert abs(float(m4["loss"]) - float(m1g["loss"])) < 1e-5, (m4["loss"], m1g["loss"])
+    assert max_diff(s4["params"], s1g["params"]) < 1e-5, max_diff(s4["params"], s1g["params"])
+    print("OK per-device negatives", float(m4["loss"]))
 """)
 
 

@@ -156,7 +156,9 @@ class Planner:
     self.config = config
     self.devices = devices
     self.mesh = sharding_lib.make_mesh(config.mesh, devices=devices)
-    self.capacity = tpu_topology.hbm_bytes(devices[0])
+    # A program fits when its total is within the usable HBM (the compiler's own check is on
+    # the temporaries alone: it accepted a v5e program of 18.05 GiB in all).
+    self.capacity = tpu_topology.usable_hbm_bytes(devices[0])
     self.tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=1000)
     self.abstract = state_lib.abstract_state(config.model, self.tx, config.seed)
     self.shardings = state_lib.state_shardings(self.abstract, self.mesh, config.mesh.fsdp_min_size)
@@ -301,7 +303,7 @@ class Planner:
 
 
 def format_table(reports: list[ProgramReport], capacity: int | None) -> str:
-  cap = "unknown" if capacity is None else f"{capacity / GIB:.1f}"
+  cap = "unknown" if capacity is None else f"{capacity / GIB:.2f}"
   head = (f"{'program':<40} {'batch/dev':>9} {'params':>7} {'opt st':>7} {'temps':>7} "
           f"{'total':>7} {'fits ' + cap + ' GiB':>15} {'TFLOP/dev':>10} {'compile s':>9}")
   lines = [head, "-" * len(head)]
@@ -321,8 +323,8 @@ def format_table(reports: list[ProgramReport], capacity: int | None) -> str:
                "programs: their arguments, the parameters they use and the batch); temps: "
                "XLA's temporaries; total = arguments + outputs - aliased + temporaries + code; "
                "NO (refused): the compiler ran out of HBM (temps: what it named when it gave up, "
-               "not the program's need); NO (total): compiled, but its total exceeds the chip's "
-               "HBM (the compiler's own check, temporaries against its usable HBM, is looser); "
+               "not the program's need); NO (total): compiled, but its total exceeds the usable "
+               "HBM (the compiler's own check, temporaries alone against it, is looser); "
                "TFLOP/dev: XLA's count, which takes a scanned layer stack's body once, so with "
                "scan_layers on it is a lower bound: benchmarks/flops.py gives the model's count)")
   return "\n".join(lines)
@@ -344,7 +346,8 @@ def plan(config, *, log=print) -> dict:
   capacity = planner.capacity
   log(f"Compiling for {c.compile.topology}: {n} x {devices[0].device_kind} on {hosts} "
       f"host(s), mesh {dict(planner.mesh.shape)}, "
-      f"{'unknown' if capacity is None else f'{capacity / GIB:.0f} GiB'} HBM per chip; "
+      f"{'unknown' if capacity is None else f'{tpu_topology.hbm_bytes(devices[0]) / GIB:.0f} GiB'} "
+      f"HBM per chip ({'unknown' if capacity is None else f'{capacity / GIB:.2f}'} usable); "
       f"model {c.model.vision.variant} + {c.model.text.variant}, {c.model.fusion.mode}, "
       f"{c.model.dtype}, remat {c.model.remat}, scan_layers {c.model.scan_layers}")
   per_device = c.batch_size // n
@@ -372,7 +375,8 @@ def plan(config, *, log=print) -> dict:
     log("The recipe's step does not fit: lower the per-device batch and restore the global "
         "batch with --config.optimizer.grad_accum_steps (see find_max_batch).")
   result = {"topology": c.compile.topology, "chips": n, "hosts": hosts,
-            "device_kind": devices[0].device_kind, "hbm_bytes": capacity,
+            "device_kind": devices[0].device_kind,
+            "hbm_bytes": tpu_topology.hbm_bytes(devices[0]), "usable_hbm_bytes": capacity,
             "batch_size": c.batch_size, "num_frames": c.num_frames,
             "mode": c.model.fusion.mode, "dtype": c.model.dtype, "remat": c.model.remat,
             "scan_layers": c.model.scan_layers, "mesh": dict(planner.mesh.shape),

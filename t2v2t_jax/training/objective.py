@@ -7,9 +7,10 @@ from the per-GPU batch; the global batch gives harder negatives and makes the st
 independent of the device count).
 
 `vtm_negatives='per_device'` (`negative_groups` = the devices the batch is split over) draws
-them as VindLU did, each device's rows from its own rows. Why offer it: global negatives
-need every device to hold the fused inputs of the whole batch (the video tokens, [B, T*N, D])
-for the row selection; per-device groups keep that local.
+them as VindLU did, each device's rows from its own rows: for reproducing VindLU's
+objective, whose negatives get easier as the per-device batch shrinks. The selection then
+stays within each device's rows. It did not make the paper-size pretraining step fit a
+v5e-8 at 64 clips a chip (the compiler still refused it; docs/benchmarks.md, TPU).
 """
 
 from __future__ import annotations
