@@ -61,6 +61,23 @@ def _select_in_groups(x, index, select=select_rows):
   return rows.reshape(x.shape)
 
 
+def _pairs_by_row(*blocks):
+  """Blocks [B, ...] -> [k*B, ...] holding row i's k pairs at rows k*i .. k*i+k-1.
+
+  Why not `concatenate(blocks)`: the batch is split over the devices by rows, and a
+  concatenation puts row i's pairs far from row i, so every device would exchange its
+  blocks with the others before fusing (collective permutes of the video tokens). Row by
+  row, each device fuses its own rows' pairs where they are.
+  """
+  stacked = jnp.stack(blocks, axis=1)
+  return stacked.reshape((-1,) + stacked.shape[2:])
+
+
+def _blocks_from_rows(x, k: int):
+  """Inverse of `_pairs_by_row` for a [k*B, ...] result: -> block order [k*B, ...]."""
+  return jnp.swapaxes(x.reshape((-1, k) + x.shape[1:]), 0, 1).reshape(x.shape)
+
+
 def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, deterministic=False,
                    negative_groups: int = 1):
   """Returns (total_loss, metrics) for one batch.
@@ -96,14 +113,14 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
   if loss_weights["vtm"]:
     neg_video, neg_text = _hard_negatives(sim, video_emb, text_emb, temp, video_idx, k_neg,
                                           negative_groups)
-    # Pairs in order: (v, t) positive, (v_neg, t) negative, (v, t_neg) negative.
-    fused_text = jnp.concatenate([text_hidden, text_hidden, _select_in_groups(text_hidden, neg_text)],
-                                 axis=0)
-    fused_mask = jnp.concatenate([mask, mask, _select_in_groups(mask, neg_text, lambda m, i: m[i])], axis=0)
-    fused_video = jnp.concatenate([video_tokens, _select_in_groups(video_tokens, neg_video),
-                                   video_tokens], axis=0)
+    # Each row's pairs: (v, t) positive, (v_neg, t) negative, (v, t_neg) negative.
+    fused_text = _pairs_by_row(text_hidden, text_hidden, _select_in_groups(text_hidden, neg_text))
+    fused_mask = _pairs_by_row(mask, mask, _select_in_groups(mask, neg_text, lambda m, i: m[i]))
+    fused_video = _pairs_by_row(video_tokens, _select_in_groups(video_tokens, neg_video),
+                                video_tokens)
     fused, _ = model.fuse(fused_text, fused_mask, fused_video, deterministic=deterministic, rngs=rngs)
-    vtm, vtm_aux = losses.vtm_loss(model.itm_logits(fused))
+    # vtm_loss takes the pairs block by block (its labels: B ones, then 2B zeros).
+    vtm, vtm_aux = losses.vtm_loss(_blocks_from_rows(model.itm_logits(fused), 3))
     metrics["loss_vtm"] = vtm
     metrics.update(vtm_aux)
     total = total + loss_weights["vtm"] * vtm
