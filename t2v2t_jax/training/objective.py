@@ -9,8 +9,9 @@ independent of the device count).
 `vtm_negatives='per_device'` (`negative_groups` = the devices the batch is split over) draws
 them as VindLU did, each device's rows from its own rows: for reproducing VindLU's
 objective, whose negatives get easier as the per-device batch shrinks. The selection then
-stays within each device's rows. It did not make the paper-size pretraining step fit a
-v5e-8 at 64 clips a chip (the compiler still refused it; docs/benchmarks.md, TPU).
+stays within each device's rows: global negatives all-gather the whole batch's video tokens
+to every device (seen in the 8-device step's HLO), per-device ones do not. That alone did not
+make the paper-size pretraining step fit a v5e-8 at 64 clips a chip (docs/benchmarks.md, TPU).
 """
 
 from __future__ import annotations
