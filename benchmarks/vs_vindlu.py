@@ -95,6 +95,19 @@ def timed(fn, n: int) -> list[tuple[float, float]]:
   return out
 
 
+def serve_commands(conn, handlers: dict) -> None:
+  """A worker's command loop (see `Side`): answers each `(name, *args)` with
+  `handlers[name](*args)` until `("quit",)`."""
+  while True:
+    name, *args = conn.recv()
+    if name == "quit":
+      return
+    if name not in handlers:
+      conn.send({"error": f"this worker has no command {name!r}"})
+      continue
+    conn.send(handlers[name](*args))
+
+
 def machine_description() -> str:
   """CPU model, whether it has AVX-512 (the fp32 peak differs ~2x), and the core count."""
   model, flags = platform.processor() or platform.machine(), ""
@@ -126,7 +139,10 @@ def make_batch(sizes: dict, seed: int = 0) -> dict:
   frames = rng.integers(0, 256, (b, t, s, s, 3), dtype=np.uint8)
   lengths = rng.integers(max(2, length // 2), length + 1, b)
   mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
-  ids = rng.integers(999, sizes["vocab"], (b, length), dtype=np.int64)
+  # Ordinary words: BERT's ids from 999 up (below are [unusedN] and the special tokens); a
+  # small test vocabulary keeps only its first few ids for the specials.
+  first_word = 999 if sizes["vocab"] > 2 * 999 else max(SPECIAL_IDS.values()) + 1
+  ids = rng.integers(first_word, sizes["vocab"], (b, length), dtype=np.int64)
   ids[:, 0] = SPECIAL_IDS["cls"]
   ids = np.where(mask.astype(bool), ids, SPECIAL_IDS["pad"])
   return {"frames": frames, "input_ids": ids, "attention_mask": mask,
@@ -309,44 +325,48 @@ def vindlu_worker(conn, vindlu_dir: str, sizes: dict, seed: int, weights_path: s
     n_params = sum(p.numel() for p in model.parameters())
     conn.send({"ready": True, "shims": shims, "params": int(n_params),
                "torch": torch.__version__, "threads": torch.get_num_threads()})
-    batch = image = None
-    while True:
-      cmd = conn.recv()
-      if cmd[0] == "quit":
-        break
-      if cmd[0] == "batch":
-        host = cmd[1]
-        batch = {"image": vindlu_frames(host["frames"]),
-                 "text": type("Text", (), {
-                     "input_ids": torch.from_numpy(host["input_ids"]),
-                     "attention_mask": torch.from_numpy(host["attention_mask"])})(),
-                 "idx": torch.from_numpy(host["video_idx"])}
-        conn.send({"ok": True})
-      elif cmd[0] == "train":
-        model.train()
+    held = {}
 
-        def step():
-          losses = model(batch["image"], batch["text"], idx=batch["idx"])
-          loss = sum(losses.values())
-          optimizer.zero_grad()
-          loss.backward()
-          optimizer.step()
-          step.loss = loss.item()
-        conn.send({"times": timed(step, cmd[1]), "loss": getattr(step, "loss", None)})
-      elif cmd[0] == "threads":
-        torch.set_num_threads(cmd[1])
-        conn.send({"threads": torch.get_num_threads()})
-      elif cmd[0] == "infer_frames":
-        image = vindlu_frames(cmd[1])
-        conn.send({"ok": True})
-      elif cmd[0] == "infer":
-        model.eval()
+    def set_batch(host):
+      held["batch"] = {"image": vindlu_frames(host["frames"]),
+                       "text": type("Text", (), {
+                           "input_ids": torch.from_numpy(host["input_ids"]),
+                           "attention_mask": torch.from_numpy(host["attention_mask"])})(),
+                       "idx": torch.from_numpy(host["video_idx"])}
+      return {"ok": True}
 
-        def encode():
-          with torch.no_grad():
-            _, pooled = model.encode_vision(image)
-            F.normalize(model.vision_proj(pooled), dim=-1)
-        conn.send({"times": timed(encode, cmd[1])})
+    def train(n):
+      model.train()
+      batch = held["batch"]
+
+      def step():
+        losses = model(batch["image"], batch["text"], idx=batch["idx"])
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step.loss = loss.item()
+      return {"times": timed(step, n), "loss": getattr(step, "loss", None)}
+
+    def set_threads(n):
+      torch.set_num_threads(n)
+      return {"threads": torch.get_num_threads()}
+
+    def set_infer_frames(clips):
+      held["image"] = vindlu_frames(clips)
+      return {"ok": True}
+
+    def infer(n):
+      model.eval()
+
+      def encode():
+        with torch.no_grad():
+          _, pooled = model.encode_vision(held["image"])
+          F.normalize(model.vision_proj(pooled), dim=-1)
+      return {"times": timed(encode, n)}
+
+    serve_commands(conn, {"batch": set_batch, "train": train, "threads": set_threads,
+                          "infer_frames": set_infer_frames, "infer": infer})
   except Exception:  # noqa: BLE001 (reported to the main process)
     conn.send({"error": traceback.format_exc()})
 
@@ -438,38 +458,40 @@ def ours_worker(conn, argv: list[str], weights_path: str | None, portable: bool 
 
 
 def _serve_ours(conn, holder, step_fn, encode_video):
-  """Our worker's command loop (see `Side`): batch, train N, infer_frames, infer N, quit."""
+  """Our worker's commands (see `Side`): batch, train N, infer_frames, infer N."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
-  batch = frames = None
-  while True:
-    cmd = conn.recv()
-    if cmd[0] == "quit":
-      break
-    if cmd[0] == "batch":
-      host = cmd[1]
-      batch = jax.device_put({
-          "frames": host["frames"], "input_ids": host["input_ids"].astype(np.int32),
-          "attention_mask": host["attention_mask"].astype(np.int32),
-          "video_idx": host["video_idx"].astype(np.int32)})
-      t0 = time.perf_counter()
-      holder["state"], metrics = step_fn(holder["state"], batch)   # compiles
-      jax.block_until_ready(metrics["loss"])
-      conn.send({"ok": True, "compile_and_first_step_s": time.perf_counter() - t0})
-    elif cmd[0] == "train":
-      def step():
-        holder["state"], metrics = step_fn(holder["state"], batch)
-        step.loss = float(jax.block_until_ready(metrics["loss"]))
-      conn.send({"times": timed(step, cmd[1]), "loss": getattr(step, "loss", None)})
-    elif cmd[0] == "infer_frames":
-      frames = jax.device_put(cmd[1])
-      conn.send({"ok": True})
-    elif cmd[0] == "infer":
-      params = holder["state"]["params"]
+  held = {}
 
-      def encode():
-        jax.block_until_ready(encode_video(params, frames))
-      conn.send({"times": timed(encode, cmd[1])})
+  def set_batch(host):
+    held["batch"] = jax.device_put({
+        "frames": host["frames"], "input_ids": host["input_ids"].astype(np.int32),
+        "attention_mask": host["attention_mask"].astype(np.int32),
+        "video_idx": host["video_idx"].astype(np.int32)})
+    t0 = time.perf_counter()
+    holder["state"], metrics = step_fn(holder["state"], held["batch"])   # compiles
+    jax.block_until_ready(metrics["loss"])
+    return {"ok": True, "compile_and_first_step_s": time.perf_counter() - t0}
+
+  def train(n):
+    def step():
+      holder["state"], metrics = step_fn(holder["state"], held["batch"])
+      step.loss = float(jax.block_until_ready(metrics["loss"]))
+    return {"times": timed(step, n), "loss": getattr(step, "loss", None)}
+
+  def set_infer_frames(clips):
+    held["frames"] = jax.device_put(clips)
+    return {"ok": True}
+
+  def infer(n):
+    params = holder["state"]["params"]
+
+    def encode():
+      jax.block_until_ready(encode_video(params, held["frames"]))
+    return {"times": timed(encode, n)}
+
+  serve_commands(conn, {"batch": set_batch, "train": train,
+                        "infer_frames": set_infer_frames, "infer": infer})
 
 
 # ----------------------------------------------------------------------------------------

@@ -148,11 +148,8 @@ class Planner:
   a TPU run traces.
   """
 
+  @cpu_ops.portable_forms()
   def __init__(self, config, devices):
-    with cpu_ops.portable_forms():
-      self._init(config, devices)
-
-  def _init(self, config, devices):
     self.config = config
     self.devices = devices
     self.mesh = sharding_lib.make_mesh(config.mesh, devices=devices)
@@ -167,11 +164,8 @@ class Planner:
     self.opt_bytes = _shard_bytes(self.abstract["opt_state"], self.shardings["opt_state"])
 
   # -- training ---------------------------------------------------------------------------
+  @cpu_ops.portable_forms()
   def train_step(self, batch_per_device: int) -> ProgramReport:
-    with cpu_ops.portable_forms():
-      return self._train_step(batch_per_device)
-
-  def _train_step(self, batch_per_device: int) -> ProgramReport:
     c = self.config
     step = step_lib.jit_train_step(
         step_lib.make_train_step(
@@ -196,11 +190,8 @@ class Planner:
                             self.params_bytes, self.opt_bytes, t0)
 
   # -- evaluation -------------------------------------------------------------------------
+  @cpu_ops.portable_forms()
   def eval_programs(self) -> list[ProgramReport]:
-    with cpu_ops.portable_forms():
-      return self._eval_programs()
-
-  def _eval_programs(self) -> list[ProgramReport]:
     from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator  # noqa: PLC0415
     c, n = self.config, self.mesh.size
     evaluator = RetrievalEvaluator(self.graphdef, self.mesh, k=c.eval.k,

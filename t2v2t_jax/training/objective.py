@@ -38,21 +38,22 @@ def select_rows(x, index):
   return rows.reshape(index.shape + x.shape[1:])
 
 
-def _hard_negatives(sim, video_emb, text_emb, temp, video_idx, key, groups: int):
+def _hard_negatives(sim, temp, video_idx, key, groups: int):
   """(neg_video, neg_text), each [g, n]: drawn within each of `groups` contiguous row groups
-  of the batch, indices local to the group (g = 1: the whole batch's `sim`)."""
+  of the batch, indices local to the group (g = 1: the whole batch's `sim`).
+
+  A group's candidates are its own rows and columns: the group's diagonal block of `sim`.
+  """
   if groups == 1:
-    neg_video, neg_text = losses.sample_hard_negatives(jax.lax.stop_gradient(sim), temp,
-                                                       video_idx, key)
-    return neg_video[None], neg_text[None]
+    return tuple(x[None] for x in losses.sample_hard_negatives(sim, temp, video_idx, key))
   b = video_idx.shape[0]
   if b % groups:
     raise ValueError(f"a batch of {b} does not split into {groups} VTM negative groups")
-  grouped = lambda x: x.reshape((groups, b // groups) + x.shape[1:])
-  def one_group(v, t, idx, k):
-    return losses.sample_hard_negatives(jax.lax.stop_gradient(similarity(v, t)), temp, idx, k)
-  return jax.vmap(one_group)(grouped(video_emb), grouped(text_emb), grouped(video_idx),
-                             jax.random.split(key, groups))
+  n = b // groups
+  # [g*n, g*n] -> [g, n, g, n] -> the g diagonal blocks [g, n, n].
+  blocks = jnp.einsum("inim->inm", sim.reshape(groups, n, groups, n))
+  return jax.vmap(losses.sample_hard_negatives, in_axes=(0, None, 0, 0))(
+      blocks, temp, video_idx.reshape(groups, n), jax.random.split(key, groups))
 
 
 def _select_in_groups(x, index, select=select_rows):
@@ -112,8 +113,7 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
     total = total + loss_weights["vtc"] * vtc
 
   if loss_weights["vtm"]:
-    neg_video, neg_text = _hard_negatives(sim, video_emb, text_emb, temp, video_idx, k_neg,
-                                          negative_groups)
+    neg_video, neg_text = _hard_negatives(sim, temp, video_idx, k_neg, negative_groups)
     # Each row's pairs: (v, t) positive, (v_neg, t) negative, (v, t_neg) negative.
     fused_text = _pairs_by_row(text_hidden, text_hidden, _select_in_groups(text_hidden, neg_text))
     fused_mask = _pairs_by_row(mask, mask, _select_in_groups(mask, neg_text, lambda m, i: m[i]))

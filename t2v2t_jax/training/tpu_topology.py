@@ -91,16 +91,15 @@ def topology_devices(name: str) -> list:
 RESERVED_GIB = 0.25
 
 
-def hbm_bytes(device) -> int | None:
-  """The chip's nominal HBM."""
+def hbm_bytes(device, *, reserved_gib: float = 0.0) -> int | None:
+  """The chip's nominal HBM less `reserved_gib` (None: a chip this table does not know)."""
   gib = HBM_GIB.get(device.device_kind)
-  return None if gib is None else int(gib * 2 ** 30)
+  return None if gib is None else int((gib - reserved_gib) * 2 ** 30)
 
 
 def usable_hbm_bytes(device) -> int | None:
   """HBM a program may fill: nominal minus what the runtime keeps (`RESERVED_GIB`)."""
-  gib = HBM_GIB.get(device.device_kind)
-  return None if gib is None else int((gib - RESERVED_GIB) * 2 ** 30)
+  return hbm_bytes(device, reserved_gib=RESERVED_GIB)
 
 
 def _first_line(e: Exception) -> str:
