@@ -144,3 +144,30 @@ def test_per_device_negatives_need_two_rows_per_device():
   assert negative_groups("per_device", 8, mesh) == 1
   with pytest.raises(ValueError, match="at least 2 rows per device"):
     negative_groups("per_device", 1, mesh)
+
+
+def _batch_sized_random_bits(portable: bool) -> list[str]:
+  """Shapes of the RngBitGenerator draws of rank >= 3 in the lowered training loss."""
+  import contextlib  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  from t2v2t_jax.models import cpu_ops  # noqa: PLC0415
+  model, batch = _model(), jax.tree.map(jnp.asarray, _batch([0, 1, 2, 3], [6, 3, 4, 5], [0, 1, 2, 3]))
+  graphdef, state = nnx.split(model)
+
+  def loss(state, batch, key):
+    return compute_losses(nnx.merge(graphdef, state), batch, key, special_ids=SPECIAL_IDS,
+                          loss_weights={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0})[0]
+
+  with cpu_ops.portable_forms() if portable else contextlib.nullcontext():
+    text = jax.jit(jax.grad(loss)).lower(state, batch, jax.random.key(0, impl="rbg")).as_text()
+  shapes = re.findall(r"stablehlo.rng_bit_generator.*-> \(tensor<\S+>, tensor<(\S+)>\)", text)
+  return [s for s in shapes if s.count("x") >= 3]
+
+
+def test_dropout_bits_off_the_cpu_are_partitionable():
+  # RngBitGenerator is not split by the SPMD partitioner: each device would draw the whole
+  # global batch's dropout bits (docs/benchmarks.md, TPU). Traced for an accelerator, the
+  # step's dropout draws threefry bits instead; on the CPU it keeps the RBG draws.
+  assert _batch_sized_random_bits(portable=False), "the CPU step should draw RBG dropout bits"
+  assert _batch_sized_random_bits(portable=True) == []

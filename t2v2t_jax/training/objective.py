@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t2v2t_jax import losses
+from t2v2t_jax.models import cpu_ops
 from t2v2t_jax.models.t2v2t import similarity
 
 
@@ -36,6 +37,24 @@ def select_rows(x, index):
   onehot = jax.nn.one_hot(index, x.shape[0], dtype=x.dtype)
   rows = jnp.dot(onehot, x.reshape(x.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
   return rows.reshape(index.shape + x.shape[1:])
+
+
+def dropout_key(key):
+  """The step's dropout stream: a threefry key, except when tracing for the CPU.
+
+  Why: the state's RBG keys (`train_state.PRNG_IMPL`) draw bits with XLA's RngBitGenerator,
+  which the SPMD partitioner does not split: on a mesh every device drew the dropout bits
+  of the whole global batch and kept its own rows. Compiled for a v5e 2x2 at 64 clips a
+  chip, the T2V block's attention dropout alone was one u32[768, 4, 12, 197, 229] draw,
+  6.3 GB on each chip, and this growth with the chip count is why 8 chips refused the
+  batch that one chip nearly fitted (docs/benchmarks.md, TPU). Threefry bits
+  (`jax_threefry_partitionable`, on by default) are a function of each element's index,
+  so each device draws only its rows, and XLA can fuse them into their use. On the CPU
+  (one device) RBG stays: it compiles faster there (`train_state.PRNG_IMPL`).
+  """
+  def threefry(k):
+    return jax.random.wrap_key_data(jax.random.bits(k, (2,), jnp.uint32), impl="threefry2x32")
+  return cpu_ops.per_backend(key, cpu=lambda k: k, default=threefry)
 
 
 def _hard_negatives(sim, temp, video_idx, key, groups: int):
@@ -95,7 +114,7 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
       contiguous row groups (the per-device shards: `vtm_negatives='per_device'`).
   """
   k_drop, k_neg, k_mask = jax.random.split(key, 3)
-  rngs = None if deterministic else nnx.Rngs(dropout=k_drop)
+  rngs = None if deterministic else nnx.Rngs(dropout=dropout_key(k_drop))
   ids, mask, video_idx = batch["input_ids"], batch["attention_mask"], batch["video_idx"]
 
   pooled, video_tokens = model.encode_video(batch["frames"], deterministic=deterministic, rngs=rngs)
