@@ -92,6 +92,42 @@ def test_t2v_block_matches_reference_on_both_attention_paths(bypass):
   np.testing.assert_allclose(fused_path, want, atol=2e-5)
   np.testing.assert_allclose(explicit, want, atol=2e-5)
   np.testing.assert_allclose(weights, want_w, atol=1e-5)
+  block.attention.attention_impl = "explicit"   # einsums without the weights
+  explicit_only, _ = jit_apply(block, text, mask, video)
+  np.testing.assert_allclose(explicit_only, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("bypass", [True, False])
+def test_t2v_training_runs_frame_by_frame_with_the_same_result(bypass):
+  # Training runs the block one frame at a time (a checkpointed scan over the frames);
+  # without dropout its output and gradients are those of all frames at once.
+  text, mask, video = make_inputs()
+
+  def run(rate, video, deterministic):
+    block = BypassCrossAttention(D, 2, 64, eps=1e-12, dropout_rate=rate, bypass=bypass,
+                                 rngs=nnx.Rngs(0))
+    randomize(block, seed=3, scale=0.2)
+    set_gates(block, 0.8)
+    graphdef, state = nnx.split(block)
+
+    def loss(state, video):
+      out, _ = nnx.merge(graphdef, state)(text, mask, video, deterministic=deterministic,
+                                          rngs=nnx.Rngs(dropout=5))
+      return (out ** 2).sum(), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, video)
+    return np.asarray(out), grads
+
+  out, grads = run(0.0, video, deterministic=False)
+  want, want_grads = run(0.0, video, deterministic=True)
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  # With dropout, each frame draws its own mask: identical frames come out different.
+  same_frames = jnp.broadcast_to(video[:, :1], video.shape)
+  trained, _ = run(0.3, same_frames, deterministic=False)
+  frozen, _ = run(0.3, same_frames, deterministic=True)
+  np.testing.assert_allclose(frozen[:, 0], frozen[:, 1], atol=1e-6)
+  assert not np.allclose(trained[:, 0], trained[:, 1], atol=1e-3)
 
 
 def test_bypass_keys_include_the_frame_and_naive_only_text():
