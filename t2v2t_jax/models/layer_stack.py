@@ -42,6 +42,20 @@ from flax import nnx
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
+def keys_after(keys, inputs):
+  """`keys` (PRNG keys), made available to XLA only once `inputs` are computed.
+
+  Why: a random-bit generator's only operand is its key, so XLA may run it anywhere before
+  its use. In the paper-size pretraining step for a v5e chip (64 clips), libtpu ran every
+  dropout draw of the T2V block (VTM and MLM passes) before the video encoder and held the
+  bits (uint32, 2.9 GB) across it, at the step's peak (the compiled buffer live ranges:
+  docs/benchmarks.md, TPU). An optimization barrier over (keys, the layer's inputs) keeps
+  each draw after the inputs of the layer that uses it; the values are unchanged.
+  """
+  keys, _ = jax.lax.optimization_barrier((keys, inputs))
+  return keys
+
+
 def normalize_remat(remat) -> str:
   """`model.remat` as a policy name; the booleans of older configs mean 'full' / 'none'."""
   if remat is True:
@@ -108,6 +122,8 @@ def apply_layers(layers: Sequence[nnx.Module], fn: Callable, carry, *, per_layer
   keys = None
   if rngs is not None and n:
     keys = jax.random.split(rngs.dropout(), n)
+    if scan and n > 1:
+      keys = keys_after(keys, carry)
 
   def layer_rngs(key):
     return None if key is None else nnx.Rngs(dropout=key)
@@ -123,7 +139,8 @@ def apply_layers(layers: Sequence[nnx.Module], fn: Callable, carry, *, per_layer
     outs = []
     for i, layer in enumerate(layers):
       call = make_call(tuple(v[i] for v in per_layer))
-      result = call(layer, carry, None if keys is None else keys[i])
+      key = None if keys is None else keys_after(keys[i], carry)
+      result = call(layer, carry, key)
       if outputs:
         carry, out = result
         outs.append(out)
@@ -158,10 +175,14 @@ def apply_layers(layers: Sequence[nnx.Module], fn: Callable, carry, *, per_layer
 
 def apply_layer(layer: nnx.Module, fn: Callable, *args, rngs: nnx.Rngs | None,
                 remat: str = "none"):
-  """`fn(layer, *args, rngs)` for one layer, under the remat policy (not scanned)."""
+  """`fn(layer, *args, rngs)` for one layer, under the remat policy (not scanned).
+
+  The layer draws from `nnx.Rngs(dropout=key)`, one key drawn from `rngs` and tied to
+  `args` (`keys_after`)."""
   remat = normalize_remat(remat)
-  def call(layer, rngs, *a):
-    return fn(layer, *a, rngs)
+  def call(layer, key, *a):
+    return fn(layer, *a, None if key is None else nnx.Rngs(dropout=key))
   if remat != "none":
     call = nnx.remat(call, policy=checkpoint_policy(remat))
-  return call(layer, rngs, *args)
+  key = None if rngs is None else keys_after(rngs.dropout(), args)
+  return call(layer, key, *args)
