@@ -9,12 +9,17 @@ Any mix-up in compute_losses (a block in the wrong order against the labels, a n
 text fused with its positive's mask, a positive drawn as a negative) changes the loss.
 """
 
+import contextlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from t2v2t_jax.checkpoints.params import assign_into
+from t2v2t_jax.models import cpu_ops
 from t2v2t_jax.models.config import model_config
 from t2v2t_jax.models.t2v2t import create_model
 from t2v2t_jax.models.t2v2t import similarity
@@ -148,10 +153,6 @@ def test_per_device_negatives_need_two_rows_per_device():
 
 def _batch_sized_random_bits(portable: bool) -> list[str]:
   """Shapes of the RngBitGenerator draws of rank >= 3 in the lowered training loss."""
-  import contextlib  # noqa: PLC0415
-  import re  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-  from t2v2t_jax.models import cpu_ops  # noqa: PLC0415
   model, batch = _model(), jax.tree.map(jnp.asarray, _batch([0, 1, 2, 3], [6, 3, 4, 5], [0, 1, 2, 3]))
   graphdef, state = nnx.split(model)
 

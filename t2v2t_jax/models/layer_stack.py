@@ -122,8 +122,6 @@ def apply_layers(layers: Sequence[nnx.Module], fn: Callable, carry, *, per_layer
   keys = None
   if rngs is not None and n:
     keys = jax.random.split(rngs.dropout(), n)
-    if scan and n > 1:
-      keys = keys_after(keys, carry)
 
   def layer_rngs(key):
     return None if key is None else nnx.Rngs(dropout=key)
@@ -167,6 +165,8 @@ def apply_layers(layers: Sequence[nnx.Module], fn: Callable, carry, *, per_layer
 
   if remat != "none":
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  if keys is not None:
+    keys = keys_after(keys, carry)   # every layer's key, after the stack's input
   carry, stacked_outs = jax.lax.scan(body, carry, (stacked, keys, xs))
   if not outputs:
     return carry
