@@ -107,7 +107,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "test"
                  help="per-layer remat policy (bare --remat: 'full')")
   g.add_argument("--scan", choices=("auto", "on", "off"), default="auto",
                  help="model.scan_layers: scan each stack of identical layers ('auto': on "
-                      "TPU and CPU, not on GPU)")
+                      "TPU only)")
   g.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "cudnn", "explicit"))
   g.add_argument("--batch", type=int, help="per-device batch")
   parser.add_argument("--init", choices=("synthetic", "real"), default="synthetic",

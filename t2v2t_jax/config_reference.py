@@ -57,7 +57,7 @@ DESCRIPTIONS = {
     "compile.find_max_batch": "`--mode compile` also searches the largest per-device training batch whose step fits the chip's HBM (a few more compiles: memory is close to linear in the batch).",
     "compile.json_out": "`--mode compile` appends its results (per program: bytes per device, FLOPs, compile time; the largest batch) as one JSON line to this file.",
     "model.remat": "Per-layer rematerialisation policy: 'none' keeps every activation, 'full' recomputes each layer in the backward pass (least memory), 'save_dots' keeps the dense projections' outputs and recomputes the rest. True / False are read as 'full' / 'none'.",
-    "model.scan_layers": "Scan each stack of identical layers (one compiled layer body; parameters stay stored per layer): 'auto' scans on TPU and CPU and unrolls on GPU, where the scanned step measured 24% slower (docs/benchmarks.md); 'on' / 'off' force it.",
+    "model.scan_layers": "Scan each stack of identical layers (one compiled layer body; parameters stay stored per layer): 'auto' scans on TPU and unrolls on GPU and CPU, where the scanned step measured 24% (H200) and 14% (2-core CPU) slower (docs/benchmarks.md); 'on' / 'off' force it.",
     # Model.
     "model.vision.variant": "Size name of the video encoder, `<size>/<patch>` (`B/16`, `S/16`, `Ti/16`, `test/16`); sets width, depth, heads, MLP and patch below.",
     "model.vision.width": "Hidden width of the video encoder (from the variant).",

@@ -95,7 +95,7 @@ def model_config(vision: str = "B/16", text: str = "base", fusion_mode: str = "t
   c.temp_max = 0.5
   c.dtype = "float32"                    # compute dtype; parameters stay float32
   c.remat = "none"                       # per-layer remat policy: 'none' | 'full' | 'save_dots' (layer_stack.py)
-  c.scan_layers = "auto"                 # 'auto' (scan on TPU/CPU, unroll on GPU) | 'on' | 'off' (layer_stack.py)
+  c.scan_layers = "auto"                 # 'auto' (scan on TPU, unroll on GPU/CPU) | 'on' | 'off' (layer_stack.py)
   c.attention_impl = "auto"              # 'auto': jax.nn.dot_product_attention unless attention dropout is active
   return c
 

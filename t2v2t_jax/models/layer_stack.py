@@ -15,12 +15,16 @@ H100), and its gradient is sliced back per layer by XLA. Storing them stacked (M
 `scan_layers`) would save that copy but change every parameter path in the project.
 
 Scanning is not free everywhere (`model.scan_layers`, resolved by `resolve_scan`):
-  'auto'  scanned on TPU and CPU, unrolled on GPU. Measured at paper size (docs/
-          benchmarks.md): on an H200 the scanned train step compiled in 97 s instead of
-          181 s but stepped 24% slower (191 vs 155 ms; the loop's device-to-device copies)
-          and needed 38 instead of 31 GiB; on a 2-core CPU it compiled in 31 s instead of
-          54 s and used 15-20% less CPU time per step; on TPU a scanned stack is the
-          standard form (MaxText).
+  'auto'  scanned on TPU, unrolled on GPU and CPU. On TPU a scanned stack is the standard
+          form (MaxText) and what makes the paper's batches fit a 16 GB chip (docs/
+          benchmarks.md, TPU). On an H200 the scanned paper-size train step compiled in
+          97 s instead of 181 s but stepped 24% slower (191 vs 155 ms; the loop's
+          device-to-device copies) and needed 38 instead of 31 GiB. On a 2-core CPU,
+          measured in one process, interleaved (2026-11-28): the unrolled step took 14%
+          less time than the scanned one at the TARGETS.md small size (0.741 vs 0.866 s,
+          compile 32 vs 22 s) and in the CPU demo (0.214 vs 0.250 s, compile 20 vs 22 s),
+          and paper-size video embedding 6% less (3.53 vs 3.75 s per 16 frames): the loop
+          fills, writes and reads stacked residual buffers every step.
   'on' / 'off'  always / never.
 
 Remat policies (`model.remat`), applied per layer:
@@ -80,7 +84,7 @@ def resolve_scan(setting, platform: str | None = None) -> bool:
   if setting != "auto":
     raise ValueError(f"model.scan_layers={setting!r} is not one of {list(SCAN_SETTINGS)}")
   platform = platform or jax.default_backend()
-  return platform != "gpu"
+  return platform == "tpu"
 
 
 def checkpoint_policy(remat: str):
