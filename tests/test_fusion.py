@@ -198,6 +198,39 @@ def test_t2v_frames_are_independent(mode, fusion):
   np.testing.assert_allclose(y1[:, [0, 2]], y2[:, [0, 2]], atol=1e-6)
 
 
+@pytest.mark.parametrize("mode, fusion", VARIANTS)
+def test_texts_sharing_a_video_fuse_as_with_copies_of_it(mode, fusion):
+  """k texts a video (training's caption, negative caption and masked caption): the same
+  outputs and gradients as each text with its own copy of the video, which
+  test_fusion_matches_numpy_reference checks against numpy. In 'v2t' the k texts are one
+  query sequence against the video's keys and values (computed once)."""
+  model = build(mode, **fusion)
+  text, mask, video = make_inputs()
+  k = 3
+  texts = jax.random.normal(jax.random.key(5), (k * B, L, D))
+  masks = jnp.repeat(mask, k, axis=0)[::-1]   # the mixed padding rows of make_inputs
+  copies = jnp.repeat(video, k, axis=0)
+  shared, _ = jit_apply(model, texts, masks, video)
+  copied, _ = jit_apply(model, texts, masks, copies)
+  assert shared.shape == (k * B, L, D)
+  np.testing.assert_allclose(shared, copied, atol=2e-6)
+
+  def grad_of(videos):
+    graphdef, state = nnx.split(model)
+    def loss(state, videos):
+      out, _ = nnx.merge(graphdef, state)(texts, masks, videos)
+      return (out * jnp.cos(out)).sum()
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(state, videos)
+
+  (gs_params, gs_video), (gc_params, gc_video) = grad_of(video), grad_of(copies)
+  np.testing.assert_allclose(gs_video, gc_video.reshape((B, k) + video.shape[1:]).sum(1),
+                             atol=1e-4)
+  for a, b in zip(jax.tree.leaves(gs_params), jax.tree.leaves(gc_params)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="do not share 2 videos evenly"):
+    model(texts[:5], masks[:5], video)
+
+
 def test_keep_frame_cls_false_drops_token_zero():
   text, mask, video = make_inputs()
   for mode in ("v2t", "t2v2t", "joint"):

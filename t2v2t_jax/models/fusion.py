@@ -115,8 +115,12 @@ class FusionEncoder(nnx.Module):
     Args:
       text_hidden: [B, L, Dt], the text encoder output (layer fusion_layer-1).
       text_mask: [B, L], nonzero for real tokens (padding is masked everywhere).
-      video_tokens: [B, T, N, Dv], the video encoder's tokens (N includes each frame's
-        CLS; it is dropped here when keep_frame_cls=False).
+      video_tokens: [V, T, N, Dv], the video encoder's tokens (N includes each frame's
+        CLS; it is dropped here when keep_frame_cls=False). V = B, or B = k V: the k
+        consecutive texts k v .. k v + k - 1 fuse with video v. In 'v2t' the k texts
+        share the video's cross-attention keys and values, computed once (training fuses
+        a video with its caption, a negative caption and its masked caption); the other
+        modes fuse each text with its own copy of the video.
       return_aux: also return the T2V attention (t2v modes).
 
     Returns:
@@ -133,6 +137,13 @@ class FusionEncoder(nnx.Module):
     key_mask = text_mask.astype(bool)
     if not self.keep_frame_cls:
       video_tokens = video_tokens[:, :, 1:]
+    texts_per_video, rest = divmod(text_hidden.shape[0], video_tokens.shape[0])
+    if rest:
+      raise ValueError(f"{text_hidden.shape[0]} texts do not share {video_tokens.shape[0]} "
+                       f"videos evenly (k texts a video)")
+    if texts_per_video > 1 and self.mode != "v2t":
+      # The T2V block changes each pair's video with its text; joint attention mixes them.
+      video_tokens = jnp.repeat(video_tokens, texts_per_video, axis=0)
     b, t, n, _ = video_tokens.shape
     lt = text_hidden.shape[1]
     x = text_hidden

@@ -113,8 +113,21 @@ class BertLayer(nnx.Module):
     return self.attention_output(y, x, deterministic=deterministic, rngs=rngs)
 
   def cross_attention_block(self, x, kv, *, deterministic: bool, rngs: nnx.Rngs | None):
-    y = self.crossattention(x, kv, deterministic=deterministic, rngs=rngs)
-    return self.crossattention_output(y, x, deterministic=deterministic, rngs=rngs)
+    """x [P, L, D] attends to kv [V, S, Dkv]; P = k V: text p attends to kv[p // k].
+
+    With k > 1 the k texts of a video are one query sequence of k L tokens: the video's
+    keys and values are projected once, not once per text. The cross-attention has no
+    key mask and every query attends on its own, so this is the same attention as k
+    copies of the video would give.
+    """
+    p, l, d = x.shape
+    v = kv.shape[0]
+    if p % v:
+      raise ValueError(f"{p} texts do not share {v} videos evenly (need k texts a video)")
+    q = x if p == v else x.reshape(v, (p // v) * l, d)
+    y = self.crossattention(q, kv, deterministic=deterministic, rngs=rngs)
+    return self.crossattention_output(y.reshape(p, l, -1), x, deterministic=deterministic,
+                                      rngs=rngs)
 
   def ffn_block(self, x, *, deterministic: bool, rngs: nnx.Rngs | None):
     y = L.dropout(self.ffn(x), self.dropout_rate, deterministic=deterministic, rngs=rngs)
@@ -122,7 +135,8 @@ class BertLayer(nnx.Module):
 
   def __call__(self, x, key_mask, *, kv=None, deterministic: bool = True,
                rngs: nnx.Rngs | None = None):
-    """x [B, L, D]; key_mask bool [B, L] (False = padding); kv [B, S, Dkv] or None.
+    """x [B, L, D]; key_mask bool [B, L] (False = padding); kv [B / k, S, Dkv] or None
+    (k texts a video: `cross_attention_block`).
 
     With `kv=None` the cross-attention sub-block is skipped (text-only path: a fusion
     layer then computes exactly the BERT layer it was initialised from).

@@ -94,11 +94,6 @@ def _pairs_by_row(*blocks):
   return stacked.reshape((-1,) + stacked.shape[2:])
 
 
-def _blocks_from_rows(x, k: int):
-  """Inverse of `_pairs_by_row` for a [k*B, ...] result: -> block order [k*B, ...]."""
-  return jnp.swapaxes(x.reshape((-1, k) + x.shape[1:]), 0, 1).reshape(x.shape)
-
-
 def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, deterministic=False,
                    negative_groups: int = 1):
   """Returns (total_loss, metrics) for one batch.
@@ -131,28 +126,48 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
     metrics["loss_vtc"] = vtc
     total = total + loss_weights["vtc"] * vtc
 
+  # The fusion passes. Each row's video fuses with its caption (VTM positive), a hard
+  # negative caption (VTM) and its masked caption (MLM) in one call, as k = 3 texts of
+  # one video (in 'v2t' the video's cross-attention keys and values are then computed once
+  # for the three: fusion.py); the hard negative video fuses with the caption in another.
+  # Pairs are laid out row by row (`_pairs_by_row`), so each device fuses its own rows.
+  own_text, own_mask, slot = [], [], {}
   if loss_weights["vtm"]:
     neg_video, neg_text = _hard_negatives(sim, temp, video_idx, k_neg, negative_groups)
-    # Each row's pairs: (v, t) positive, (v_neg, t) negative, (v, t_neg) negative.
-    fused_text = _pairs_by_row(text_hidden, text_hidden, _select_in_groups(text_hidden, neg_text))
-    fused_mask = _pairs_by_row(mask, mask, _select_in_groups(mask, neg_text, lambda m, i: m[i]))
-    fused_video = _pairs_by_row(video_tokens, _select_in_groups(video_tokens, neg_video),
-                                video_tokens)
-    fused, _ = model.fuse(fused_text, fused_mask, fused_video, deterministic=deterministic, rngs=rngs)
-    # vtm_loss takes the pairs block by block (its labels: B ones, then 2B zeros).
-    vtm, vtm_aux = losses.vtm_loss(_blocks_from_rows(model.itm_logits(fused), 3))
-    metrics["loss_vtm"] = vtm
-    metrics.update(vtm_aux)
-    total = total + loss_weights["vtm"] * vtm
-
+    slot["pos"], slot["neg_text"] = 0, 1
+    own_text += [text_hidden, _select_in_groups(text_hidden, neg_text)]
+    own_mask += [mask, _select_in_groups(mask, neg_text, lambda m, i: m[i])]
   if loss_weights["mlm"]:
     masked_ids, labels = losses.mask_tokens(
         ids, mask, k_mask, vocab_size=special_ids["vocab_size"],
         mask_token_id=special_ids["mask"], cls_token_id=special_ids["cls"],
         pad_token_id=special_ids["pad"])
     masked_hidden, _ = model.encode_text(masked_ids, mask, deterministic=deterministic, rngs=rngs)
-    fused_mlm, _ = model.fuse(masked_hidden, mask, video_tokens, deterministic=deterministic, rngs=rngs)
-    mlm, mlm_aux = losses.mlm_loss(model.mlm_logits(fused_mlm), labels)
+    slot["mlm"] = len(own_text)
+    own_text.append(masked_hidden)
+    own_mask.append(mask)
+
+  if own_text:
+    k = len(own_text)
+    fused_own, _ = model.fuse(_pairs_by_row(*own_text), _pairs_by_row(*own_mask), video_tokens,
+                              deterministic=deterministic, rngs=rngs)
+    fused_own = fused_own.reshape((-1, k) + fused_own.shape[1:])   # [B, k, L, D]
+
+  if loss_weights["vtm"]:
+    fused_neg_video, _ = model.fuse(text_hidden, mask,
+                                    _select_in_groups(video_tokens, neg_video),
+                                    deterministic=deterministic, rngs=rngs)
+    # vtm_loss takes the pairs block by block, positives first (its labels: B ones, then
+    # 2B zeros).
+    vtm, vtm_aux = losses.vtm_loss(jnp.concatenate([
+        model.itm_logits(fused_own[:, slot["pos"]]), model.itm_logits(fused_neg_video),
+        model.itm_logits(fused_own[:, slot["neg_text"]])]))
+    metrics["loss_vtm"] = vtm
+    metrics.update(vtm_aux)
+    total = total + loss_weights["vtm"] * vtm
+
+  if loss_weights["mlm"]:
+    mlm, mlm_aux = losses.mlm_loss(model.mlm_logits(fused_own[:, slot["mlm"]]), labels)
     metrics["loss_mlm"] = mlm
     metrics.update(mlm_aux)
     total = total + loss_weights["mlm"] * mlm
