@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
 STEPS, CHECKPOINT_AT, BATCH = 4, 2, 8
 PROCESS_TIMEOUT_S = 900  # per phase; generous for a busy machine
+NUM_TEST = 16   # test videos (and captions) of the synthetic dataset
 COMPARED_METRICS = ("loss", "loss_vtc", "loss_vtm", "grad_norm", "temp", "lr")
 # Compiling dominates these runs; the tiny model runs fast enough unoptimised (same flags
 # for every run, so the numbers stay comparable). Cuts the CPU time of a run by ~30%.
@@ -45,7 +46,7 @@ def data_root(tmp_path_factory):
   from input_pipeline import synthetic  # noqa: PLC0415
   root = tmp_path_factory.mktemp("multihost_data")
   # 64 videos x 3 captions = 192 training pairs: 24 steps per epoch at batch 8.
-  synthetic.generate_dataset(root, num_train=64, num_val=4, num_test=16, seed=0, size=32,
+  synthetic.generate_dataset(root, num_train=64, num_val=4, num_test=NUM_TEST, seed=0, size=32,
                              fps=8, num_frames=8)
   return root
 
@@ -227,5 +228,16 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_root, tmp_path):
   ref_eval = json.loads((single / "eval" / f"{STEPS}.json").read_text())
   mh_eval = json.loads((multi / "eval" / f"{STEPS}.json").read_text())
   assert ref_eval.keys() == mh_eval.keys() == {"synthetic_test"}
+  # The two runs' parameters agree to 1e-5 (above), not bit for bit, and after 4 steps
+  # from scratch the model scores many caption-video pairs almost alike: two near-tied
+  # videos may swap ranks (seen once: text->video mean rank 12.8125 against 12.875 at
+  # the embedding stage, one of 16 queries one rank apart). So each rank metric may
+  # differ by what one query moving one rank changes, and no more.
+  one_rank = {"r1": 100 / NUM_TEST, "r5": 100 / NUM_TEST, "r10": 100 / NUM_TEST,
+              "r_mean": 100 / NUM_TEST, "meanr": 1 / NUM_TEST, "medr": 1.0}
   for key, value in ref_eval["synthetic_test"].items():
-    assert mh_eval["synthetic_test"][key] == pytest.approx(value, abs=1e-6), key
+    kind = [k for k in one_rank if key == k or key.endswith("_" + k)]
+    if kind:
+      assert abs(mh_eval["synthetic_test"][key] - value) <= one_rank[kind[0]] + 1e-6, key
+    else:   # counts, settings, the broken-video list
+      assert mh_eval["synthetic_test"][key] == value, key
