@@ -62,6 +62,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,11 +74,23 @@ _ROOT = os.path.dirname(_HERE)
 SPECIAL_IDS = {"cls": 101, "pad": 0, "mask": 103}
 
 
-def _project_path():
+def _project_path(root: str | None = None):
   # The repository root first: `benchmarks/input_pipeline.py` must not shadow the
-  # `input_pipeline` package.
-  sys.path[:] = [_ROOT, _HERE] + [p for p in sys.path
-                                  if os.path.abspath(p or ".") not in (_ROOT, _HERE)]
+  # `input_pipeline` package. `root`: another checkout of the project (--baseline-tree).
+  root = os.path.abspath(root) if root else _ROOT
+  here = os.path.join(root, "benchmarks")
+  sys.path[:] = [root, here] + [p for p in sys.path
+                                if os.path.abspath(p or ".") not in (_ROOT, _HERE, root, here)]
+
+
+def tree_label(root: str) -> str:
+  """'ours @ <commit>' for a git checkout of the project, else 'ours @ <path>'."""
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    commit = ""
+  return f"ours @ {commit or os.path.abspath(root)}"
 
 
 def cpu_seconds() -> float:
@@ -390,14 +403,16 @@ def load_into(model, values: dict) -> None:
       for name, path in by_name.items()}))
 
 
-def ours_worker(conn, argv: list[str], weights_path: str | None, portable: bool = False):
+def ours_worker(conn, argv: list[str], weights_path: str | None, portable: bool = False,
+                root: str | None = None):
   """Our process: the project's train step (`make_train_step`, the objective and AdamW of
   training), jitted on the one CPU device with the old state donated, as training runs it.
   `portable`: traced with the portable forms of the model's ops instead of the CPU forms
-  (`t2v2t_jax.models.cpu_ops`), i.e. the step as it was before the CPU forms."""
+  (`t2v2t_jax.models.cpu_ops`), i.e. the step as it was before the CPU forms. `root`:
+  the project's code from another checkout (an earlier commit), for before/after."""
   import contextlib  # noqa: PLC0415
   try:
-    _project_path()
+    _project_path(root)
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -499,7 +514,8 @@ def _serve_ours(conn, holder, step_fn, encode_video):
 # ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-  _project_path()
+  if "train_step" not in sys.modules:   # a --baseline-tree worker has imported its own
+    _project_path()
   import train_step as bench  # noqa: PLC0415
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -523,8 +539,15 @@ def parse_args(argv=None):
                       help="also run our step traced with the portable forms of the ops "
                            "(t2v2t_jax.models.cpu_ops.portable_forms: the step before the "
                            "CPU forms), as a third side of the interleaving")
+  parser.add_argument("--baseline-tree", metavar="PATH",
+                      help="also run our step from another checkout of the project (e.g. "
+                           "`git worktree add /tmp/base <commit>`), as a third side: before "
+                           "and after a change in one run")
   parser.add_argument("--json-out", help="append the JSON result line to this file")
   args = parser.parse_args(argv)
+  if args.baseline_tree and not os.path.isdir(os.path.join(args.baseline_tree, "t2v2t_jax")):
+    parser.error(f"--baseline-tree {args.baseline_tree!r} is not a checkout of this project "
+                 f"(no t2v2t_jax/ in it)")
   bench.resolve_args(args)
   return args
 
@@ -675,6 +698,12 @@ def main(argv=None):
     if args.compare_portable:
       sides.insert(1, Side("ours, portable forms", ours_worker, (our_argv, weights_path, True)))
       sides[1].ask()
+    if args.baseline_tree:
+      base = Side(tree_label(args.baseline_tree), ours_worker,
+                  (our_argv, weights_path, False, args.baseline_tree))
+      sides.insert(1, base)
+      info = base.ask()
+      print(f"[vs_vindlu] {base.name}: {info['config']}", flush=True)
 
     host_batch = make_batch(sizes)
     for side in sides:
