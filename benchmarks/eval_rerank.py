@@ -3,9 +3,11 @@
 For each fusion mode and each dataset shape asked for, this measures:
   - device throughput: `RetrievalEvaluator`'s own jitted pair scorer on device-resident
     random inputs (text states [P, L, D], text mask, the batch's distinct videos' float16
-    tokens [U, T, N, D] and each pair's index into them; U = the evaluator's
-    videos_per_batch), P = --rerank-batch pairs a call; median of --steps blocked calls
-    -> pairs/s;
+    tokens [U, T, N, D] and each slot's index into them; U = the videos a real batch
+    spans, 2 at k = 128), P = --rerank-batch pairs a call; median of --steps blocked
+    calls -> pairs/s (in 'v2t' a slot of up to 32 texts shares its video's
+    cross-attention keys and values: the FLOPs computed a pair are fewer than the
+    per-pair count; a video's last slot is part padding, not counted here);
   - host path: `RetrievalEvaluator.score_candidates` on a host float16 token store (it
     sends each batch's distinct videos' tokens once, with the pairs' text states), for
     --host-batches batches of pairs laid out as a real evaluation's (each video has about
@@ -136,16 +138,29 @@ def bench_one(args, mode: str, dataset: str, mesh, counter) -> dict:
   # Device-resident random inputs of one scoring call.
   sh = sharding_lib.batch_sharding(mesh)
 
-  nu = evaluator.videos_per_batch
+  # The distinct videos of a call, as in a real evaluation: each video has about 2k
+  # candidate pairs (k as a query's candidate, k as a candidate of other queries), sorted
+  # by video, so a batch of p pairs spans 1 + ceil((p - 1) / 2k) videos when it straddles
+  # a boundary (2 at k = 128, p = 128); sent padded to a power of two, as score_candidates
+  # sends them. In 'v2t' the texts come in slots of `texts_per_slot` sharing a video's
+  # keys and values (one projection per slot).
+  per_video = max(1, 2 * min(args.k, n_videos))
+  nu = args.videos_per_call or min(evaluator.videos_per_batch, 1 + -(-(p - 1) // per_video))
+  nu_sent = min(evaluator.videos_per_batch, 1 << (nu - 1).bit_length())
+  k_slot = evaluator.texts_per_slot(mode)
+  n_slots = p // k_slot
+  kv = parts.get("cross_video_kv", 0)
+  result.update(videos_per_call=nu, videos_sent_per_call=nu_sent, texts_per_slot=k_slot,
+                computed_flops_per_pair=pair_flops - kv + kv / k_slot)
 
   def make(key):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
+    k1, k2, k3 = jax.random.split(key, 3)
     th = jax.random.normal(k1, (p, text_len, dt), jnp.float32).astype(compute_dtype)
     lengths = jax.random.randint(k2, (p,), max(2, text_len // 2), text_len + 1)
     tm = (jnp.arange(text_len)[None] < lengths[:, None]).astype(jnp.int32)
-    vt = jax.random.normal(k3, (nu, frames, n_tok, dv), jnp.float32).astype(jnp.float16)
-    idx = jnp.sort(jax.random.randint(k4, (p,), 0, nu))
-    return th, tm, vt, idx
+    vt = jax.random.normal(k3, (nu_sent, frames, n_tok, dv), jnp.float32).astype(jnp.float16)
+    slot_video = (jnp.arange(n_slots) * nu // n_slots).astype(jnp.int32)   # nu videos in use
+    return th, tm, vt, slot_video
 
   inputs = jax.jit(make, out_shardings=(sh, sh, sharding_lib.replicated(mesh), sh))(
       jax.random.key(0))
@@ -164,19 +179,32 @@ def bench_one(args, mode: str, dataset: str, mesh, counter) -> dict:
     result["status"] = "does_not_fit"
     return result
 
-  for _ in range(2):
-    jax.block_until_ready(score(params, *inputs))
+  # --slot-baseline: the same scorer with a slot per pair (each text its own copy of the
+  # video: the layout before 'v2t' slots), on the same inputs, timed in alternation.
+  variants = [("slots", inputs)]
+  if args.slot_baseline and k_slot > 1:
+    per_pair = jax.device_put((jnp.arange(p) * nu // p).astype(jnp.int32), sh)
+    variants.append(("slot_per_pair", inputs[:3] + (per_pair,)))
+  for _, args_ in variants:
+    for _ in range(2):
+      jax.block_until_ready(score(params, *args_))
   compiles = counter.count
-  times = []
+  all_times = {name: [] for name, _ in variants}
   for _ in range(args.steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(score(params, *inputs))
-    times.append(time.perf_counter() - t0)
+    for name, args_ in variants:
+      t0 = time.perf_counter()
+      jax.block_until_ready(score(params, *args_))
+      all_times[name].append(time.perf_counter() - t0)
+  times = all_times["slots"]
+  if "slot_per_pair" in all_times:
+    result["slot_per_pair_call_s_median"] = statistics.median(all_times["slot_per_pair"])
+    result["slots_speedup"] = result["slot_per_pair_call_s_median"] / statistics.median(times)
   result["recompiles"] = counter.count - compiles
   med = statistics.median(times)
   result["call_s_median"] = med
   result["device_pairs_per_s"] = p / med
-  result["model_tflops_per_device"] = pair_flops * p / med / mesh.size / 1e12
+  # On the FLOPs the scorer computes (in 'v2t' a video's keys and values once a slot).
+  result["model_tflops_per_device"] = result["computed_flops_per_pair"] * p / med / mesh.size / 1e12
   peak, peak_note = common.peak_tflops_per_device(cfg.dtype)
   result["peak_tflops_per_device"], result["peak_source"] = peak, peak_note
   result["mfu"] = result["model_tflops_per_device"] / peak if peak else None
@@ -192,9 +220,6 @@ def bench_one(args, mode: str, dataset: str, mesh, counter) -> dict:
                          ).astype(np.asarray(jnp.zeros((), compute_dtype)).dtype)
     tm_host = np.ones((n_text_store, text_len), np.int32)
     n_pairs = p * (args.host_batches + 1)
-    # As in a real evaluation, each video has about 2k candidate pairs (k as a query's
-    # candidate, k as a candidate of other queries), sorted by video.
-    per_video = max(1, 2 * min(args.k, n_videos))
     vids = (np.arange(n_pairs) // per_video) % n_store
     txts = rng.integers(0, n_text_store, n_pairs)
     pairs = np.stack([vids, txts], 1)
@@ -236,9 +261,15 @@ def report(r: dict) -> None:
   mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
   print(f"[eval_rerank] {r['dataset']} / {r['mode']}: {r['device_pairs_per_s']:,.1f} pairs/s on "
         f"the device (batch {r['rerank_batch']}, {r['call_s_median'] * 1e3:.1f} ms a call, "
-        f"{r['analytic_flops_per_pair'] / 1e9:.3f} GFLOPs/pair, {r['model_tflops_per_device']:.3f} "
+        f"{r['videos_per_call']} video(s), {r['texts_per_slot']} text(s) a slot, "
+        f"{r['computed_flops_per_pair'] / 1e9:.3f} of "
+        f"{r['analytic_flops_per_pair'] / 1e9:.3f} GFLOPs/pair computed, "
+        f"{r['model_tflops_per_device']:.3f} "
         f"TFLOP/s, MFU {mfu}); host path {host_s}; compiled memory "
         f"{common.gib(r['compiled_total_bytes'])}", flush=True)
+  if "slots_speedup" in r:
+    print(f"[eval_rerank]   slot per pair (before): {r['slot_per_pair_call_s_median'] * 1e3:.1f} ms "
+          f"a call; slots of {r['texts_per_slot']}: {r['slots_speedup']:.2f}x faster", flush=True)
   print(f"[eval_rerank]   full {r['dataset']} ({r['eval_texts']} x {r['eval_videos']}, k {r['k']}, "
         f"{r['frames']} frames): {r['pairs_simulated_iid']:,} pairs (bounds "
         f"{r['pairs_lower_bound']:,}..{r['pairs_upper_bound']:,}) -> "
@@ -263,6 +294,12 @@ def main(argv=None):
   parser.add_argument("--text-len-override", type=int)
   parser.add_argument("--rerank-batch", type=int, default=128, help="pairs a device call")
   parser.add_argument("--k", type=int, default=128)
+  parser.add_argument("--slot-baseline", action="store_true",
+                      help="v2t: also time a slot per pair (a copy of the video per text, the "
+                           "layout before slots) on the same inputs, in alternation")
+  parser.add_argument("--videos-per-call", type=int,
+                      help="distinct videos in a timed device call (default: as a real "
+                           "evaluation's batch spans, from k)")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--host-batches", type=int, default=2,
                       help="batches timed through score_candidates (0: skip the host path)")

@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent(r"""
     from configs import webvid_pretrain
     from t2v2t_jax import sharding
     from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
-    from t2v2t_jax.models.t2v2t import abstract_params
+    from flax import nnx
+    from t2v2t_jax.models.t2v2t import abstract_params, create_model
     from t2v2t_jax.training import optimizer, train_state as S, train_step as T
 
     assert jax.device_count() == 8, jax.devices()
@@ -80,6 +81,21 @@ SCRIPT = textwrap.dedent(r"""
     assert abs(float(m4["loss"]) - float(m1g["loss"])) < 1e-5, (m4["loss"], m1g["loss"])
     assert max_diff(s4["params"], s1g["params"]) < 1e-5, max_diff(s4["params"], s1g["params"])
     print("OK per-device negatives", float(m4["loss"]))
+
+    # The v2t scorer on 1 device fuses a batch's 8 texts in one slot of their video (keys
+    # and values once); on 8 devices (one text a device) a slot holds one text.
+    v2t_cfg = mc.copy_and_resolve_references()
+    v2t_cfg.fusion.mode = "v2t"
+    v2t_graphdef, v2t_params = nnx.split(create_model(v2t_cfg, seed=1), nnx.Param)
+    v2t_scores = [
+        RetrievalEvaluator(v2t_graphdef, sharding.make_mesh({"data": -1, "fsdp": 1},
+                                                            devices=jax.devices()[:n]),
+                           k=4, rerank_batch_size=8, progress=False).score_candidates(
+                               v2t_params, pairs, hidden, mask[:3], tokens)
+        for n in (1, 8)]
+    assert np.ptp(v2t_scores[0]) > 1e-4, v2t_scores[0]
+    np.testing.assert_allclose(v2t_scores[0], v2t_scores[1], atol=1e-5)
+    print("OK v2t rerank")
 """)
 
 
@@ -91,3 +107,4 @@ def test_train_step_and_rerank_match_on_1_and_8_devices():
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert "OK max param diff" in proc.stdout and "OK per-device negatives" in proc.stdout
+  assert "OK v2t rerank" in proc.stdout

@@ -7,14 +7,20 @@ output, in both directions (the host-side bookkeeping is `metrics.candidate_pair
 `metrics.rerank_matrices`).
 
 Reranking is organised by video: the union of the text->video and video->text top-k
-pairs is sorted by video and cut into batches of at most `rerank_batch_size` pairs and
+pairs is sorted by video; each video's pairs fill slots of `texts_per_slot` texts, and
+the slots are cut into batches of `rerank_batch_size` texts with at most
 `videos_per_batch` distinct videos. Each batch sends its distinct videos' tokens to the
-device once (replicated) with, per pair, an index into them; the pairs' tokens are
+device once (replicated) with, per slot, an index into them; the slots' videos are
 gathered on the device. With k candidates per query a video has about 2k pairs, so a
 batch needs one to a few videos' tokens instead of one copy per pair (the host->device
 traffic per pair drops by about the number of pairs per video). A pair wanted by both
-directions is scored once. For `t2v2t` the T2V
-block depends on the text, so it is recomputed for every pair (inside `fuse`).
+directions is scored once.
+
+In `v2t` a slot's texts share the video's cross-attention keys and values, computed once
+(the fusion encoder's k texts a video): they do not depend on the text and are 88% of a
+pair's FLOPs at 12 frames. A slot holds up to 32 texts, so a video's last slot is partly
+padding. In `t2v2t` the T2V block changes the video with each text, so every pair is a
+slot of its own (no padding) and the fusion is computed for every pair.
 Video tokens are kept on the host in float16 (or in a memory-mapped file for very long
 corpora such as ActivityNet at 32 frames), never all on the device at once.
 """
@@ -44,11 +50,33 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+def _pad_to(x: np.ndarray, n: int, fill=0) -> np.ndarray:
   if x.shape[0] == n:
     return x
-  pad = np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)
+  pad = np.full((n - x.shape[0],) + x.shape[1:], fill, x.dtype)
   return np.concatenate([x, pad], axis=0)
+
+
+# Texts a 'v2t' rerank slot shares a video's keys and values with: fewer means more
+# projections (16.7 GFLOPs a video at 12 frames, against 2.3 a text), more means more
+# padding in each video's last slot (~134 pairs a video at k = 128): 32 and 64 cost about
+# the same; 32 keeps the padding of short candidate lists small.
+MAX_TEXTS_PER_SLOT = 32
+
+
+def _slots(videos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Slots of k pairs of one video each, for pairs sorted by video (`videos` their videos):
+  (the slots' videos [S], the slots' pair rows [S, k], -1 where a slot is not full)."""
+  n = len(videos)
+  if k == 1:
+    return videos, np.arange(n).reshape(n, 1)
+  run_starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]]) if n else np.zeros(0, int)
+  run_ends = np.r_[run_starts[1:], n]
+  starts = np.concatenate([np.arange(a, b, k) for a, b in zip(run_starts, run_ends)] or
+                          [np.zeros(0, np.int64)])
+  ends = np.minimum(starts + k, np.repeat(run_ends, -(-(run_ends - run_starts) // k)))
+  rows = starts[:, None] + np.arange(k)[None]
+  return videos[starts], np.where(rows < ends[:, None], rows, -1)
 
 
 class Embedded(NamedTuple):
@@ -94,17 +122,27 @@ class RetrievalEvaluator:
       hidden, _ = m.encode_text(ids, mask)
       return m.text_embedding(hidden), hidden
 
-    def score_pairs(params, text_hidden, text_mask, videos, video_index):
-      # videos [U, T, N, D] replicated; video_index [P] sharded like the pairs: the gather
+    def score_pairs(params, text_hidden, text_mask, videos, slot_video):
+      # text_hidden [P, L, D] (P = slots x texts_per_slot, sharded); videos [U, T, N, D]
+      # replicated; slot_video [P / texts_per_slot], sharded like the texts: the gather
       # happens on the device, so each distinct video crossed the host link once.
       m = model(params)
-      video_tokens = jnp.take(videos, video_index, axis=0)
-      fused, _ = m.fuse(text_hidden, text_mask, video_tokens.astype(m.dtype or jnp.float32))
+      slot_tokens = jnp.take(videos, slot_video, axis=0).astype(m.dtype or jnp.float32)
+      fused, _ = m.fuse(text_hidden, text_mask, slot_tokens)   # k texts a slot's video
       return m.itm_logits(fused)[:, 1]
 
     self._encode_video = jax.jit(encode_video)
     self._encode_text = jax.jit(encode_text)
     self._score_pairs = jax.jit(score_pairs)
+
+  def texts_per_slot(self, mode: str) -> int:
+    """Texts fused with one copy of a video in a rerank batch. 'v2t': up to
+    `MAX_TEXTS_PER_SLOT`, dividing each device's share of the batch, so that every device
+    holds whole slots. Other modes: 1 (the video changes with each text)."""
+    if mode != "v2t":
+      return 1
+    per_device = self.rerank_batch_size // self.mesh.size
+    return max(d for d in range(1, min(per_device, MAX_TEXTS_PER_SLOT) + 1) if per_device % d == 0)
 
   def _put(self, *arrays):
     """Host arrays that are identical on every process -> global arrays split over devices."""
@@ -182,13 +220,13 @@ class RetrievalEvaluator:
     return np.concatenate(embs), np.concatenate(hiddens)
 
   # -- stage 2 --------------------------------------------------------------------------
-  def rerank_batches(self, pairs) -> list[tuple[int, int]]:
-    """[start, stop) ranges of `pairs` (sorted by video): at most `rerank_batch_size`
-    pairs and `videos_per_batch` distinct videos each."""
-    bounds, start, n = [], 0, len(pairs)
-    vids = np.asarray(pairs[:, 0]) if n else np.zeros(0, np.int64)
+  def rerank_batches(self, slot_videos, slots_per_batch: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the slots (their videos `slot_videos`, sorted): at most
+    `slots_per_batch` slots and `videos_per_batch` distinct videos each."""
+    bounds, start, n = [], 0, len(slot_videos)
+    vids = np.asarray(slot_videos)
     while start < n:
-      stop = min(start + self.rerank_batch_size, n)
+      stop = min(start + slots_per_batch, n)
       # Distinct videos in [start, stop): pairs are sorted, so count changes of video.
       changes = np.flatnonzero(vids[start + 1:stop] != vids[start:stop - 1])
       if len(changes) >= self.videos_per_batch:  # cut before the (cap+1)-th video
@@ -205,28 +243,31 @@ class RetrievalEvaluator:
     order = np.argsort(given[:, 0], kind="stable") if len(given) else np.zeros(0, np.int64)
     pairs = given[order]
     scores = np.zeros(len(pairs), np.float32)
+    k = self.texts_per_slot(nnx.merge(self.graphdef, params).fusion_encoder.mode)
+    slot_video, slot_rows = _slots(pairs[:, 0], k)
     bs, nu = self.rerank_batch_size, self.videos_per_batch
     video_bytes = text_bytes = 0
-    batches = self.rerank_batches(pairs)
+    batches = self.rerank_batches(slot_video, bs // k)
     with tqdm.tqdm(total=len(pairs), desc="rerank pairs", disable=not self.progress) as bar:
       for start, stop in batches:
-        chunk = pairs[start:stop]
-        b = len(chunk)
-        uniq, index = np.unique(chunk[:, 0], return_inverse=True)
+        uniq, index = np.unique(slot_video[start:stop], return_inverse=True)
         # Padded to a power of two (<= videos_per_batch compiled shapes, log2 many) so
         # that a batch of one video's pairs sends one video, not videos_per_batch.
         padded = min(nu, 1 << (len(uniq) - 1).bit_length())
         videos = np.asarray(video_tokens[_pad_to(uniq, padded)])  # padding rows: unused
-        txts = _pad_to(chunk[:, 1], bs)
-        hidden, mask, index = text_hidden[txts], text_mask[txts], _pad_to(index.reshape(-1), bs)
+        rows = _pad_to(slot_rows[start:stop], bs // k, fill=-1).reshape(-1)   # [bs] pair or -1
+        real = rows >= 0
+        txts = np.where(real, pairs[rows, 1], 0)   # padding rows score text 0, unused
+        hidden, mask = text_hidden[txts], text_mask[txts]
         out = self._score_pairs(params, *self._put(hidden, mask), self._put_replicated(videos),
-                                *self._put(index.astype(np.int32)))
-        scores[start:stop] = to_host(out)[:b]
+                                *self._put(_pad_to(index.reshape(-1), bs // k).astype(np.int32)))
+        scores[rows[real]] = to_host(out)[real]
         video_bytes += videos.nbytes
         text_bytes += hidden.nbytes + mask.nbytes
-        bar.update(b)
+        bar.update(int(real.sum()))
     self.transfer_stats = dict(pairs=len(pairs), batches=len(batches), video_bytes=video_bytes,
-                               text_bytes=text_bytes)
+                               text_bytes=text_bytes, texts_per_slot=k,
+                               padded_texts=len(batches) * bs - len(pairs))
     out = np.empty_like(scores)
     out[order] = scores
     return out

@@ -206,6 +206,7 @@ class Planner:
     width, dtype = c.model.text.width, jnp.dtype(c.model.dtype)
     video_batch = max(n, (c.eval.video_batch_size // n) * n)
     pairs = evaluator.rerank_batch_size
+    slots = pairs // evaluator.texts_per_slot(c.model.fusion.mode)
     # The scorer's largest shape: the distinct videos of a batch, padded to a power of two.
     videos = 2 ** math.ceil(math.log2(evaluator.videos_per_batch))
     programs = [
@@ -218,7 +219,7 @@ class Planner:
          (params, sds((pairs, c.data.max_len, width), dtype),
           sds((pairs, c.data.max_len), jnp.int32),
           sds((videos, frames, tokens_per_frame, c.model.vision.width), jnp.float16, rep),
-          sds((pairs,), jnp.int32))),
+          sds((slots,), jnp.int32))),
     ]
     reports = []
     for name, per_device, fn, args in programs:
