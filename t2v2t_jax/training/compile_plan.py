@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 
 import jax
@@ -75,25 +74,6 @@ def _shard_bytes(tree, shardings) -> int:
   return total
 
 
-_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-# libtpu: "the total memory required for HLO temporaries (18.26G) exceeds available HBM (15.75G)"
-_TEMPS_OVER = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available "
-                         r"HBM \(([0-9.]+)([KMGT]?)\)")
-# libtpu, other form: "Used 20.50G of 15.75G hbm"
-_USED_OF = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
-
-
-def parse_out_of_memory(message: str) -> tuple[int, int] | None:
-  """(bytes needed, bytes available) from a TPU compiler out-of-HBM error, else None."""
-  for pattern in (_TEMPS_OVER, _USED_OF):
-    m = pattern.search(message)
-    if m:
-      need = float(m.group(1)) * _UNITS[m.group(2)]
-      have = float(m.group(3)) * _UNITS[m.group(4)]
-      return int(need), int(have)
-  return None
-
-
 class OutOfMemory(Exception):
   def __init__(self, needed: int, available: int):
     super().__init__(f"needs {needed / GIB:.2f} GiB of {available / GIB:.2f} GiB")
@@ -104,7 +84,7 @@ def _compile(lowered):
   try:
     return lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    parsed = parse_out_of_memory(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
+    parsed = tpu_topology.parse_out_of_memory(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
     if parsed is None:
       raise
     raise OutOfMemory(*parsed) from e

@@ -14,6 +14,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 
 # HBM per chip in GiB (vendor figures), by `device_kind` as libtpu names it.
 HBM_GIB = {
@@ -86,9 +87,27 @@ def topology_devices(name: str) -> list:
       raise TopologyError(f"libtpu does not know TPU topology {name!r}: {_first_line(e)}") from e
 
 
-# What a program may use: libtpu (0.0.42) names "available HBM (15.75G)" when it refuses a
-# program for a 16 GiB v5e chip; the same 0.25 GiB is taken as reserved on the other chips.
+# When libtpu cannot find the usable HBM by the probe below: nominal less what it keeps on
+# a v5e (it names "available HBM (15.75G)" for the 16 GiB chip).
 RESERVED_GIB = 0.25
+
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+# libtpu, refusing a program: "the total memory required for HLO temporaries (18.26G)
+# exceeds available HBM (15.75G)", or "Used 20.50G of 15.75G hbm".
+_TEMPS_OVER = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available "
+                         r"HBM \(([0-9.]+)([KMGT]?)\)")
+_USED_OF = re.compile(r"Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm")
+
+
+def parse_out_of_memory(message: str) -> tuple[int, int] | None:
+  """(bytes needed, bytes available) from a TPU compiler out-of-HBM error, else None."""
+  for pattern in (_TEMPS_OVER, _USED_OF):
+    m = pattern.search(message)
+    if m:
+      need = float(m.group(1)) * _UNITS[m.group(2)]
+      have = float(m.group(3)) * _UNITS[m.group(4)]
+      return int(need), int(have)
+  return None
 
 
 def hbm_bytes(device, *, reserved_gib: float = 0.0) -> int | None:
@@ -97,9 +116,29 @@ def hbm_bytes(device, *, reserved_gib: float = 0.0) -> int | None:
   return None if gib is None else int((gib - reserved_gib) * 2 ** 30)
 
 
+_USABLE: dict = {}
+
+
 def usable_hbm_bytes(device) -> int | None:
-  """HBM a program may fill: nominal minus what the runtime keeps (`RESERVED_GIB`)."""
-  return hbm_bytes(device, reserved_gib=RESERVED_GIB)
+  """HBM a program may fill on `device`'s chip, as libtpu itself states it.
+
+  What libtpu keeps differs by generation: 0.0.42 names 15.75 GiB available on a v5e (16
+  nominal), 30.75 on a v4 (32), 31.25 on a v6e (32) and 95.74 on a v5p (95). So it is
+  asked: a probe program that cannot fit any chip (a 2 TiB output) is compiled for the
+  device and the figure its refusal names is read (well under a second). When that
+  fails, the nominal HBM less `RESERVED_GIB`.
+  """
+  if device.device_kind not in _USABLE:
+    probe = jax.ShapeDtypeStruct((1024,), jnp.float32,
+                                 sharding=jax.sharding.SingleDeviceSharding(device))
+    try:
+      jax.jit(lambda x: jnp.broadcast_to(x, (2 ** 31, 1024)) + 1).lower(probe).compile()
+      parsed = None
+    except Exception as e:  # noqa: BLE001 (libtpu raises JaxRuntimeError subclasses)
+      parsed = parse_out_of_memory(str(e))
+    _USABLE[device.device_kind] = (parsed[1] if parsed
+                                   else hbm_bytes(device, reserved_gib=RESERVED_GIB))
+  return _USABLE[device.device_kind]
 
 
 def _first_line(e: Exception) -> str:
