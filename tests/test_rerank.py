@@ -68,3 +68,5 @@ def test_rerank_scores_are_each_pair_alone(mode, monkeypatch):
     # A pair a slot; at most 8 slots and 2 videos a batch: [0 x 8] [0 1] [3 x 4, 4 x 4] [4 x 2].
     assert stats["texts_per_slot"] == 1 and stats["batches"] == 4
     assert stats["padded_texts"] == 4 * 8 - 20
+  # No candidates (an empty corpus side): no batch, no score.
+  assert evaluator.score_candidates(params, pairs[:0], hidden, mask, tokens).shape == (0,)

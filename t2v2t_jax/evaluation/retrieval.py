@@ -68,12 +68,11 @@ def _slots(videos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """Slots of k pairs of one video each, for pairs sorted by video (`videos` their videos):
   (the slots' videos [S], the slots' pair rows [S, k], -1 where a slot is not full)."""
   n = len(videos)
-  if k == 1:
-    return videos, np.arange(n).reshape(n, 1)
-  run_starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]]) if n else np.zeros(0, int)
+  if k == 1 or n == 0:
+    return videos, np.arange(n).reshape(n, 1) if k == 1 else np.zeros((0, k), np.int64)
+  run_starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]])
   run_ends = np.r_[run_starts[1:], n]
-  starts = np.concatenate([np.arange(a, b, k) for a, b in zip(run_starts, run_ends)] or
-                          [np.zeros(0, np.int64)])
+  starts = np.concatenate([np.arange(a, b, k) for a, b in zip(run_starts, run_ends)])
   ends = np.minimum(starts + k, np.repeat(run_ends, -(-(run_ends - run_starts) // k)))
   rows = starts[:, None] + np.arange(k)[None]
   return videos[starts], np.where(rows < ends[:, None], rows, -1)
