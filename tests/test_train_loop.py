@@ -184,6 +184,34 @@ def test_sigkill_then_rerun_resumes_exactly(synthetic_root, tmp_path):
     assert crcs == crc_full[step], step
 
 
+def test_config_json_is_never_seen_half_written(tmp_path):
+  """Multi-host: process 0 rewrites `config.json` as the others read it to compare (a
+  resumed run); a reader must see the old or the new file whole, never an empty one."""
+  import threading  # noqa: PLC0415
+  from t2v2t_jax.training import workdir as workdir_lib  # noqa: PLC0415
+  config = load_recipe("webvid_pretrain", "tiny")
+  workdir_lib.save_config(config, str(tmp_path))
+  stop, seen_bad = threading.Event(), []
+
+  def writer():
+    while not stop.is_set():
+      workdir_lib.save_config(config, str(tmp_path))
+
+  thread = threading.Thread(target=writer)
+  thread.start()
+  try:
+    for _ in range(300):
+      try:
+        workdir_lib.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True)
+      except ValueError as e:   # json.JSONDecodeError: a file cut short
+        seen_bad.append(e)
+  finally:
+    stop.set()
+    thread.join()
+  assert not seen_bad, f"{len(seen_bad)} of 300 reads saw a partial config.json: {seen_bad[0]}"
+  assert not [f for f in os.listdir(tmp_path) if f != "config.json"]   # no temporary left
+
+
 def test_resuming_with_changed_settings_names_them(tmp_path, capsys):
   from t2v2t_jax.training import workdir as workdir_lib  # noqa: PLC0415
   config = load_recipe("demo", "tiny")

@@ -25,8 +25,14 @@ _ABSENT = object()
 def save_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  # Written aside, then renamed over: the other processes of a resumed multi-host run read
+  # the old file at the same time (`warn_if_resuming_with_changes`), and must never see
+  # it truncated.
+  path = os.path.join(workdir, "config.json")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, path)
 
 
 def config_differences(saved: dict, config) -> list[tuple[str, object, object]]:
