@@ -218,6 +218,9 @@ def test_resuming_with_changed_settings_names_them(tmp_path, capsys):
   workdir_lib.save_config(config, str(tmp_path))
   # Resuming with the same settings says nothing.
   assert workdir_lib.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True) == []
+  # Where the processes meet is not a setting of the run.
+  config.multihost.coordinator_address, config.multihost.process_id = "10.0.0.2:1234", 1
+  assert workdir_lib.warn_if_resuming_with_changes(config, str(tmp_path), resuming=True) == []
   old_lr, config.optimizer.lr = config.optimizer.lr, 0.125
   config.model.fusion.mode = "v2t"
   # No checkpoint yet: a new run in the same folder says nothing, whatever changed.

@@ -20,6 +20,9 @@ from t2v2t_jax.tree_paths import flatten_config
 
 PREVIOUS_RUNS = "previous_runs"  # where `start_over` moves an earlier run's logs
 _ABSENT = object()
+# Where a run's processes meet, not what the run computes: a restarted multi-host job may
+# get a new coordinator address, and each process has its own id.
+_NOT_SETTINGS = ("multihost.coordinator_address", "multihost.process_id")
 
 
 def save_config(config, workdir: str) -> None:
@@ -42,7 +45,7 @@ def config_differences(saved: dict, config) -> list[tuple[str, object, object]]:
   old = flatten_config(saved)
   new = flatten_config(json.loads(config.to_json_best_effort()))
   return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+          if old.get(k, _ABSENT) != new.get(k, _ABSENT) and k not in _NOT_SETTINGS]
 
 
 def describe_differences(diffs, limit: int = 12) -> str:
