@@ -9,7 +9,7 @@ zero-shot on MSR-VTT 1k at the end. Paper setting (SPEC 7): 10 epochs, 1 warmup,
 lr 1e-4 -> 1e-6, batch 64 x 8 GPUs, 4 frames. The paper pretrains on WebVid + CC3M
 (configs/webvid_cc3m_pretrain.py); its fine-tuned T2V2T reaches MSR-VTT R@1 44.4.
 On TPU (compiled, not run; docs/scaling.md): a v5e-8 (64 clips a chip, 10.3 of the 15.75
-usable GiB), a v4-8 (128 a chip, 15.8 of 31.75) and a v6e-8 take the recipe as is.
+usable GiB), a v4-8 (128 a chip, 15.8 of 30.75) and a v6e-8 take the recipe as is.
 Append `:tiny` to run the same recipe at test size on synthetic data.
 """
 
