@@ -146,7 +146,7 @@ def bench_one(args, mode: str, dataset: str, mesh, counter) -> dict:
   # keys and values (one projection per slot).
   per_video = max(1, 2 * min(args.k, n_videos))
   nu = args.videos_per_call or min(evaluator.videos_per_batch, 1 + -(-(p - 1) // per_video))
-  nu_sent = min(evaluator.videos_per_batch, 1 << (nu - 1).bit_length())
+  nu_sent = evaluator.videos_sent(nu)
   k_slot = evaluator.texts_per_slot(mode)
   n_slots = p // k_slot
   kv = parts.get("cross_video_kv", 0)

@@ -68,12 +68,13 @@ def _slots(videos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """Slots of k pairs of one video each, for pairs sorted by video (`videos` their videos):
   (the slots' videos [S], the slots' pair rows [S, k], -1 where a slot is not full)."""
   n = len(videos)
-  if k == 1 or n == 0:
-    return videos, np.arange(n).reshape(n, 1) if k == 1 else np.zeros((0, k), np.int64)
-  run_starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]])
-  run_ends = np.r_[run_starts[1:], n]
-  starts = np.concatenate([np.arange(a, b, k) for a, b in zip(run_starts, run_ends)])
-  ends = np.minimum(starts + k, np.repeat(run_ends, -(-(run_ends - run_starts) // k)))
+  run_starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]]) if n else np.zeros(0, int)
+  run_ends = np.r_[run_starts[1:], n].astype(int)
+  per_run = -(-(run_ends - run_starts) // k)                 # slots of each video's run
+  run = np.repeat(np.arange(len(run_starts)), per_run)       # each slot's run
+  nth = np.arange(len(run)) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+  starts = run_starts[run] + nth * k
+  ends = np.minimum(starts + k, run_ends[run])
   rows = starts[:, None] + np.arange(k)[None]
   return videos[starts], np.where(rows < ends[:, None], rows, -1)
 
@@ -142,6 +143,12 @@ class RetrievalEvaluator:
       return 1
     per_device = self.rerank_batch_size // self.mesh.size
     return max(d for d in range(1, min(per_device, MAX_TEXTS_PER_SLOT) + 1) if per_device % d == 0)
+
+  def videos_sent(self, num_videos: int) -> int:
+    """Videos a rerank batch with `num_videos` distinct ones sends: padded to a power of
+    two (at most videos_per_batch), so the scorer compiles for log2 many shapes and a
+    batch of one video's pairs sends one video."""
+    return min(self.videos_per_batch, 1 << (num_videos - 1).bit_length())
 
   def _put(self, *arrays):
     """Host arrays that are identical on every process -> global arrays split over devices."""
@@ -244,15 +251,13 @@ class RetrievalEvaluator:
     scores = np.zeros(len(pairs), np.float32)
     k = self.texts_per_slot(nnx.merge(self.graphdef, params).fusion_encoder.mode)
     slot_video, slot_rows = _slots(pairs[:, 0], k)
-    bs, nu = self.rerank_batch_size, self.videos_per_batch
+    bs = self.rerank_batch_size
     video_bytes = text_bytes = 0
     batches = self.rerank_batches(slot_video, bs // k)
     with tqdm.tqdm(total=len(pairs), desc="rerank pairs", disable=not self.progress) as bar:
       for start, stop in batches:
         uniq, index = np.unique(slot_video[start:stop], return_inverse=True)
-        # Padded to a power of two (<= videos_per_batch compiled shapes, log2 many) so
-        # that a batch of one video's pairs sends one video, not videos_per_batch.
-        padded = min(nu, 1 << (len(uniq) - 1).bit_length())
+        padded = self.videos_sent(len(uniq))
         videos = np.asarray(video_tokens[_pad_to(uniq, padded)])  # padding rows: unused
         rows = _pad_to(slot_rows[start:stop], bs // k, fill=-1).reshape(-1)   # [bs] pair or -1
         real = rows >= 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 
 import jax
@@ -187,8 +186,8 @@ class Planner:
     video_batch = max(n, (c.eval.video_batch_size // n) * n)
     pairs = evaluator.rerank_batch_size
     slots = pairs // evaluator.texts_per_slot(c.model.fusion.mode)
-    # The scorer's largest shape: the distinct videos of a batch, padded to a power of two.
-    videos = 2 ** math.ceil(math.log2(evaluator.videos_per_batch))
+    # The scorer's largest shape: the most distinct videos a batch sends.
+    videos = evaluator.videos_sent(evaluator.videos_per_batch)
     programs = [
         (f"video encoder ({frames} frames)", video_batch // n, evaluator._encode_video,
          (params, sds((video_batch, frames, size, size, 3), jnp.uint8))),
