@@ -34,12 +34,37 @@ videos are cached):
   python benchmarks/input_pipeline.py --write-docs
 
 `--write-docs` replaces the "## Input pipeline" section of docs/benchmarks.md.
+
+Scale case (`--scale`, instead of the throughput cases): what a training corpus of
+millions of pairs costs the Grain pipeline, as WebVid-2.5M + CC3M (5.5M pairs) would.
+A corpus of N pairs, one caption each, N distinct video paths (~60 characters) and
+12-word captions, is generated once into the cache; the paths resolve, through two
+levels of symbolic links, to 8 small videos, so that every pair can be read. For each
+corpus size and worker count a fresh Python process builds `make_train_dataset`
+(batches of 8, 4 frames of 32 px) and reads one batch per worker (so that every worker
+has started); reported: the time from the call to the first batch, the peak RSS
+(`VmHWM`) of the main process and of the largest worker, and the peak RSS summed over
+the main process and every worker. What the annotations add is the difference to the
+same run on a 2,000-pair corpus. `--before-root DIR` measures, beside this tree, the
+`input_pipeline` package found in DIR (an older commit:
+`git archive <commit> input_pipeline | tar -x -C DIR`) on the (pairs, workers) of
+`--before-runs` (the older loader's copy in every worker does not fit in memory at 5.5M
+pairs and 16 workers on a small machine). The
+annotation index (this tree's loader) is measured cold (built by the run: the first run on
+a host) and warm (already built: every later run and every other process of the host).
+
+  python benchmarks/input_pipeline.py --scale --scale-pairs 2000,500000,5500000 \
+      --scale-workers 4,16 --before-root /tmp/before --write-docs
+
+`--scale --write-docs` replaces (or appends at the end) the "## Annotations at scale"
+section.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import multiprocessing
 import os
 import platform
@@ -52,10 +77,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 # Run as a script, this file's folder comes first on sys.path, and its name would shadow
 # the `input_pipeline` package: put the repository root there instead.
+# The scale case's "before" runs import the package from another tree (CODE_ROOT_ENV).
+CODE_ROOT_ENV = "T2V2T_BENCH_CODE_ROOT"
+_CODE_ROOT = os.environ.get(CODE_ROOT_ENV) or _ROOT
 if sys.path and os.path.abspath(sys.path[0] or os.getcwd()) == _HERE:
-  sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
+  sys.path[0] = _CODE_ROOT
+elif _CODE_ROOT not in sys.path:
+  sys.path.insert(0, _CODE_ROOT)
 
 import numpy as np  # noqa: E402
 
@@ -118,7 +146,6 @@ def ensure_synthetic(cache: str, count: int) -> str:
 
 def _long_corpus(videos: list[str]):
   """The long videos as a corpus (an annotation file beside them, one caption each)."""
-  import json  # pylint: disable=g-import-not-at-top
   from input_pipeline.annotations import load_corpus  # pylint: disable=g-import-not-at-top
   folder = os.path.dirname(videos[0])
   anno = os.path.join(folder, f"anno_{len(videos)}.json")
@@ -313,16 +340,212 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def update_docs(path: str, section: str) -> None:
-  """Replaces (or appends) the '## Input pipeline' section, keeping the others."""
+def update_docs(path: str, section: str, heading: str = "## Input pipeline") -> None:
+  """Replaces (or appends at the end) the section under `heading`, keeping the others."""
   text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  pattern = re.compile(r"^## Input pipeline\n.*?(?=^## |\Z)", re.S | re.M)
+  pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
   if pattern.search(text):
     text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
   else:
     text = text.rstrip("\n") + "\n\n" + section
   with open(path, "w") as f:
     f.write(text.rstrip("\n") + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Scale case: annotations of millions of pairs
+
+
+SCALE_WORDS = ("a the man woman dog cat runs jumps over blue red green sky sea city aerial "
+               "view of slow motion footage young people walking street night sunset "
+               "beach forest car road river mountain snow close up shot happy").split()
+SCALE_VIDEOS = 8  # real video files behind all the paths
+SCALE_PER_DIR = 2200  # paths per linked folder
+SCALE_HEADING = "## Annotations at scale"
+
+
+def ensure_scale_corpus(cache: str, pairs: int) -> tuple[str, str, str]:
+  """`(annotation file, media root, vocab)` of a generated corpus of `pairs` pairs.
+
+  The media root holds SCALE_VIDEOS real videos (`real/`), SCALE_PER_DIR links to them
+  (`files/NNNN_stock-footage-....mp4`) and one link to `files/` per SCALE_PER_DIR pairs
+  (`sNNNN/`): pair p names `s{p // SCALE_PER_DIR}/{p % SCALE_PER_DIR}_...mp4`, a distinct
+  path for every pair, with a few thousand directory entries in all."""
+  root = os.path.join(cache, "scale_media")
+  real = os.path.join(root, "real")
+  if not os.path.isdir(real):
+    os.makedirs(real + ".tmp", exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(SCALE_VIDEOS):
+      synthetic.write_video(os.path.join(real + ".tmp", f"{k}.mp4"),
+                            rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8))
+    os.replace(real + ".tmp", real)
+  files = os.path.join(root, "files")
+  os.makedirs(files, exist_ok=True)
+  names = [f"{j:04d}_stock-footage-aerial-view-over-the-city-at-night.mp4"
+           for j in range(SCALE_PER_DIR)]
+  for j, name in enumerate(names):
+    if not os.path.lexists(os.path.join(files, name)):
+      os.symlink(os.path.join("..", "real", f"{j % SCALE_VIDEOS}.mp4"), os.path.join(files, name))
+  for d in range(-(-pairs // SCALE_PER_DIR)):
+    if not os.path.lexists(os.path.join(root, f"s{d:04d}")):
+      os.symlink("files", os.path.join(root, f"s{d:04d}"))
+  vocab = os.path.join(cache, "scale_vocab.txt")
+  if not os.path.exists(vocab):
+    with open(vocab, "w") as f:
+      f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SCALE_WORDS]) + "\n")
+  anno = os.path.join(cache, f"scale_{pairs}.json")
+  if not os.path.exists(anno):
+    print(f"  writing {anno}", flush=True)
+    rng = np.random.default_rng(pairs)
+    words = np.asarray(SCALE_WORDS)
+    with open(anno + ".tmp", "w", buffering=1 << 22) as f:
+      f.write("[")
+      for start in range(0, pairs, 100_000):
+        count = min(100_000, pairs - start)
+        captions = words[rng.integers(0, len(words), (count, 12))]
+        f.write(",\n".join(
+            f'{{"video": "s{p // SCALE_PER_DIR:04d}/{names[p % SCALE_PER_DIR]}", '
+            f'"caption": "{" ".join(caption)}"}}'
+            for p, caption in zip(range(start, start + count), captions.tolist())))
+        f.write(",\n" if start + count < pairs else "")
+      f.write("]\n")
+    os.replace(anno + ".tmp", anno)
+  return anno, root, vocab
+
+
+def _proc_status(pid: int) -> dict:
+  """VmHWM (peak RSS) and VmRSS of a process in MiB, from /proc (Linux)."""
+  out = {}
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+          out[key] = int(value.split()[0]) / 1024
+  except OSError:
+    pass
+  return out
+
+
+def scale_child(spec: dict) -> dict:
+  """One measurement, in this (fresh) process: see the module docstring."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from input_pipeline import config as data_config_lib  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
+    flags.FLAGS.mark_as_parsed()
+  cfg = data_config_lib.data_config()
+  cfg.tokenizer = spec["vocab"]
+  cfg.num_workers = spec["workers"]
+  cfg.worker_threads = 1
+  cfg.prefetch = 1
+  cfg.train_corpora = [data_config_lib.corpus_config("scale", spec["anno"], spec["root"])]
+  from input_pipeline import text  # pylint: disable=g-import-not-at-top
+  tokenizer = text.load_tokenizer(spec["vocab"])
+  start_hwm = _proc_status(os.getpid()).get("VmHWM", 0.0)
+  start = time.perf_counter()
+  dataset = pipeline.make_train_dataset(cfg, tokenizer=tokenizer, global_batch_size=8,
+                                        num_frames=4, image_size=32, seed=0,
+                                        process_index=0, process_count=1)
+  built = time.perf_counter() - start
+  iterator = iter(dataset)
+  next(iterator)
+  first = time.perf_counter() - start
+  for _ in range(max(spec["workers"], 1)):  # a batch from every worker: all have started
+    next(iterator)
+  workers = [p for p in psutil.Process().children(recursive=True)
+             if "resource_tracker" not in " ".join(p.cmdline())]
+  worker_mem = [_proc_status(p.pid) for p in workers]
+  main_mem = _proc_status(os.getpid())
+  iterator.close()
+  hwm = [m.get("VmHWM", 0.0) for m in worker_mem]
+  return {"pairs": spec["pairs"], "workers": spec["workers"], "label": spec["label"],
+          "dataset_s": built, "first_batch_s": first, "main_start_mib": start_hwm,
+          "main_peak_mib": main_mem.get("VmHWM", 0.0), "worker_processes": len(workers),
+          "worker_peak_mib": max(hwm, default=0.0), "workers_peak_sum_mib": sum(hwm),
+          "total_peak_mib": main_mem.get("VmHWM", 0.0) + sum(hwm)}
+
+
+def run_scale_child(spec: dict, code_root: str, env_extra: dict | None = None) -> dict:
+  env = dict(os.environ, **(env_extra or {}))
+  env[CODE_ROOT_ENV] = code_root
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--scale-child",
+                        json.dumps(spec)], env=env, check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_scale(args, argv) -> None:
+  pairs = [int(n) for n in args.scale_pairs.split(",")]
+  worker_counts = [int(n) for n in args.scale_workers.split(",")]
+  before_runs = ([tuple(int(x) for x in run.split(":")) for run in args.before_runs.split(",")]
+                 if args.before_root else [])
+  before_pairs = [n for n, _ in before_runs]
+  base = min(pairs + before_pairs)
+  index_cache = os.path.join(args.cache, "annotation_index")
+  env = {"T2V2T_ANNOTATION_CACHE": index_cache}
+  started = time.perf_counter()
+  print(f"{_machine()}; {_load()}", flush=True)
+  corpora = {n: ensure_scale_corpus(args.cache, n) for n in sorted(set(pairs + before_pairs))}
+  results = []
+
+  def measure(label, n, workers, code_root, cold=False):
+    if cold:
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(index_cache, ignore_errors=True)
+    anno, root, vocab = corpora[n]
+    spec = {"anno": anno, "root": root, "vocab": vocab, "pairs": n, "workers": workers,
+            "label": label}
+    result = run_scale_child(spec, code_root, env)
+    results.append(result)
+    print(f"{label}: {n} pairs, {workers} workers: first batch {result['first_batch_s']:.1f} s "
+          f"(dataset {result['dataset_s']:.1f} s), main peak {result['main_peak_mib']:.0f} MiB, "
+          f"largest worker {result['worker_peak_mib']:.0f} MiB, total {result['total_peak_mib']:.0f} "
+          f"MiB over {result['worker_processes']} workers; {_load()}", flush=True)
+
+  for n, w in before_runs:
+    measure("before", n, w, args.before_root)
+  for n in pairs:
+    measure("after, index built by the run", n, worker_counts[0], _ROOT, cold=True)
+    for w in worker_counts:
+      measure("after", n, w, _ROOT)
+  total = time.perf_counter() - started
+
+  def added(result):
+    ref = next((r for r in results if r["label"] == result["label"] and r["pairs"] == base
+                and r["workers"] == result["workers"]), None)
+    return None if ref is None else result["total_peak_mib"] - ref["total_peak_mib"]
+
+  command = " ".join(["python benchmarks/input_pipeline.py", *(argv if argv is not None else sys.argv[1:])])
+  lines = [
+      SCALE_HEADING, "",
+      f"- Date: {datetime.date.today().isoformat()}, commit {_git_commit()}",
+      f"- Machine: {_machine()}; {_load()} at the end of the run (other jobs shared the cores "
+      "and the memory)",
+      f"- Command: `{command}` ({total:.0f} s)",
+      f"- Corpus: N generated pairs, one 12-word caption each, N distinct video paths of ~60 "
+      f"characters (`ensure_scale_corpus`); `make_train_dataset` with batches of 8, 4 frames "
+      f"of 32 px, one batch read per worker. Peaks are `VmHWM` (peak resident set) from "
+      f"/proc; total = main process + every worker; added = total - the same run's total on "
+      f"the {base:,}-pair corpus. before: the lists loader "
+      f"(`--before-root`, {args.before_root or 'not run'}); after: the on-disk index.",
+      "",
+      "| loader | pairs | workers | first batch (s) | main peak (MiB) | largest worker (MiB) "
+      "| total (MiB) | added by the annotations (MiB) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    extra = added(r)
+    lines.append(f"| {r['label']} | {r['pairs']:,} | {r['workers']} | {r['first_batch_s']:.1f} "
+                 f"| {r['main_peak_mib']:.0f} | {r['worker_peak_mib']:.0f} "
+                 f"| {r['total_peak_mib']:.0f} | {'' if extra is None else f'{extra:.0f}'} |")
+  section = "\n".join(lines) + "\n"
+  print("\n" + section)
+  if args.write_docs:
+    update_docs(args.docs, section, SCALE_HEADING)
+    print(f"wrote {args.docs}")
+
 
 
 def main(argv=None) -> None:
@@ -338,7 +561,21 @@ def main(argv=None) -> None:
   parser.add_argument("--no-grain", action="store_true")
   parser.add_argument("--write-docs", action="store_true")
   parser.add_argument("--docs", default=os.path.join(_ROOT, "docs", "benchmarks.md"))
+  parser.add_argument("--scale", action="store_true", help="only the scale case (module docstring)")
+  parser.add_argument("--scale-pairs", default="2000,5500000")
+  parser.add_argument("--scale-workers", default="4,16")
+  parser.add_argument("--before-root", default="", help="a tree with an older input_pipeline")
+  parser.add_argument("--before-runs", default="2000:4,500000:4,2000:16,100000:16",
+                      help="PAIRS:WORKERS,... measured with --before-root")
+  parser.add_argument("--scale-child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.scale_child:
+    print(json.dumps(scale_child(json.loads(args.scale_child))), flush=True)
+    return
+  if args.scale:
+    os.makedirs(args.cache, exist_ok=True)
+    run_scale(args, argv)
+    return
   cores = os.cpu_count() or 1
   worker_counts = ([int(n) for n in args.workers.split(",")] if args.workers
                    else list(range(1, cores + 1)))

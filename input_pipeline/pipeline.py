@@ -132,13 +132,15 @@ class _TrainExample(_MediaReader):
 
   def __call__(self, pair_index, rng: np.random.Generator) -> dict[str, Any]:
     corpus = self.corpus
+    # Per-pair lookups (`video_of_pair`, one caption): a worker reads those bytes of the
+    # corpus's index, never whole arrays (annotation_index.AnnotationIndex).
     frames, pair_index, failures = bad_data.load_with_substitutes(
-        lambda i: self.read(int(corpus.pair_video[i]), rng), int(pair_index), corpus.num_pairs,
+        lambda i: self.read(corpus.video_of_pair(i), rng), int(pair_index), corpus.num_pairs,
         rng, self.max_attempts, corpus.pair_path)
     frames = transforms.train_transform(frames, self.image_size, rng)
     return {"frames": np.ascontiguousarray(frames, np.uint8),
             "caption": corpus.pair_caption[pair_index],
-            "video_idx": np.int32(corpus.pair_video[pair_index]),
+            "video_idx": np.int32(corpus.video_of_pair(pair_index)),
             "decode_failures": np.int32(len(failures)),
             "failure_log": bad_data.encode_failure_log(failures)}
 

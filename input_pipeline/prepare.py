@@ -3,6 +3,9 @@ r"""`prepare`: decode a corpus once into shards of JPEG frames that training rea
   python main.py --mode prepare --config configs/msrvtt_ft.py --config.data_root=/data
   python -m input_pipeline.prepare --name msrvtt_9k --anno-file /data/anno/x.json \
       --media-root /data/videos/msrvtt --out /data/prepared
+  # On every host of a job (a folder all of them share), launched as training is:
+  python main.py --mode prepare --config configs/webvid_pretrain.py --config.data_root=/data \
+      --config.multihost.enabled=True
 
 For every video of the corpus, in video-index order, the frames at `fps` (the source
 frame nearest to each tick k / fps, from the packets' timestamps; `fps` = 0 keeps every
@@ -21,6 +24,20 @@ resumes when run again: finished shards are kept, unfinished ones are written an
 no record is lost or written twice. The shard layout and settings are fixed by the first
 run (`prepare_plan.json`); a rerun with other settings or another video list stops with
 an error instead of mixing them.
+
+On several hosts the same command splits the work: host p of P (JAX's process index and
+count when `jax.distributed` is initialised, as `main.py` does with
+`--config.multihost.*`; `--process-index` / `--process-count` here) decodes and writes
+only the shards with index mod P = p, its partial shards in its own temporary folder
+(`prepare_tmp/process_p`, the only one it clears at start). The hosts meet through the
+shared folder, not through JAX collectives (those give up when hosts arrive more than
+seconds apart, and hosts finish hours apart on WebVid): host 0 waits for every shard's
+`prepare_shards/NNNNN.json`, then writes the metadata; the others wait for
+`prepare_info.json`, so every host's command returns once the corpus is complete. A host
+that stops with an error leaves `prepare_tmp/process_p/FAILED`, and the waiting hosts
+stop too instead of waiting for shards that will not come. The records do not depend on
+the host count: P hosts write the very bytes one host does, and a rerun with any host
+count resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import glob
 import io
 import multiprocessing
 import os
@@ -48,6 +66,9 @@ from input_pipeline.annotations import Corpus, load_corpus_from_config
 from input_pipeline.config import corpus_field
 
 TMP_DIR = "prepare_tmp"
+FAILED_FILE = "FAILED"  # in a host's temporary folder: that host stopped with an error
+POLL_SECONDS = 1.0  # how often a waiting host looks at the shared folder
+REPORT_EVERY_S = 600.0  # how often a waiting host says what it waits for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +265,7 @@ class PrepareInterrupted(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class _ShardTask:
   directory: str
+  tmp_dir: str  # this host's temporary folder
   name: str
   shard: int
   num_shards: int
@@ -268,7 +290,7 @@ def _write_shard(task: _ShardTask, on_video: Callable[[], None] | None = None) -
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   serialize = ps.record_serializer()
   final = ps.shard_path(task.directory, task.name, task.shard, task.num_shards)
-  tmp = os.path.join(task.directory, TMP_DIR, f"{os.path.basename(final)}.{os.getpid()}")
+  tmp = os.path.join(task.tmp_dir, f"{os.path.basename(final)}.{os.getpid()}")
   failures, num_bytes = [], 0
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   try:
@@ -307,12 +329,104 @@ def _shard_info_path(directory: str, shard: int) -> str:
 
 def _finished_shard(directory: str, name: str, shard: int, num_shards: int,
                     num_records: int) -> dict | None:
+  """The shard's info when the shard is complete: its info file says `num_records` and
+  its file holds that many records (else None: the shard is written anew). Opening the
+  file reads only its footer."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   info_path = _shard_info_path(directory, shard)
-  if not (os.path.isfile(info_path)
-          and os.path.isfile(ps.shard_path(directory, name, shard, num_shards))):
+  path = ps.shard_path(directory, name, shard, num_shards)
+  if not (os.path.isfile(info_path) and os.path.isfile(path)):
     return None
   info = ps.read_json(info_path)
-  return info if info.get("num_records") == num_records else None
+  if info.get("num_records") != num_records:
+    return None
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      count = reader.num_records()
+    finally:
+      reader.close()
+  except Exception:  # pylint: disable=broad-except  (a damaged file: written anew)
+    return None
+  return info if count == num_records else None
+
+
+# ---------------------------------------------------------------------------------------
+# Several hosts
+
+
+def process_of_run() -> tuple[int, int]:
+  """(index, count) of this process among the hosts running the same prepare: JAX's
+  when `jax.distributed` is initialised (`main.py` does so with
+  `--config.multihost.enabled`), else (0, 1). JAX is not imported for this."""
+  jax = sys.modules.get("jax")
+  if jax is None or not jax.distributed.is_initialized():
+    return 0, 1
+  return jax.process_index(), jax.process_count()
+
+
+def host_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+  """The shards host `process_index` of `process_count` writes: index mod count = index
+  (round robin: every host gets shards from the whole corpus, so hosts finish together
+  even when video lengths drift along the annotation file)."""
+  return list(range(process_index, num_shards, process_count))
+
+
+def _host_tmp_dir(directory: str, process_index: int) -> str:
+  return os.path.join(directory, TMP_DIR, f"process_{process_index}")
+
+
+def _mark_failed(tmp_dir: str, error: BaseException) -> None:
+  """Leaves this host's failure marker for the hosts that wait on its shards."""
+  try:
+    with open(os.path.join(tmp_dir, FAILED_FILE), "w", encoding="utf-8") as f:
+      f.write(f"{type(error).__name__}: {error}")
+  except OSError:  # the folder is gone (host 0 finished the corpus): nobody waits
+    pass
+
+
+def _peer_failures(directory: str, since: float) -> list[str]:
+  """'process_p: message' for every host that left a failure marker at or after `since`
+  (a time of the shared folder's clock); older markers are a past run's, not yet cleared
+  by a host that has not started yet."""
+  found = []
+  for path in sorted(glob.glob(os.path.join(directory, TMP_DIR, "process_*", FAILED_FILE))):
+    try:
+      if os.stat(path).st_mtime < since:
+        continue
+      with open(path, encoding="utf-8") as f:
+        message = f.read()
+    except OSError:  # cleared meanwhile
+      continue
+    found.append(f"{os.path.basename(os.path.dirname(path))}: {message}")
+  return found
+
+
+def _wait(ready: Callable[[], bool], waiting_for: Callable[[], str], directory: str,
+          since: float, progress: bool, host: str) -> None:
+  """Polls the shared folder until `ready()`; raises PrepareInterrupted when another host
+  stopped with an error (its shards would never come)."""
+  last_report = None
+  while not ready():
+    failed = _peer_failures(directory, since)
+    if failed:
+      raise PrepareInterrupted(
+          f"another host stopped ({'; '.join(failed)}); the finished shards are kept: run "
+          "the same command on every host again to resume")
+    now = time.monotonic()
+    if progress and (last_report is None or now - last_report >= REPORT_EVERY_S):
+      print(f"{host}waiting for {waiting_for()}", flush=True)
+      last_report = now
+    time.sleep(POLL_SECONDS)
+
+
+def _usable_cores() -> int:
+  """The cores this process may run on (SLURM's `--cpus-per-task`, a taskset), else all:
+  several prepare processes on one node then share it instead of each taking every core."""
+  try:
+    return len(os.sched_getaffinity(0)) or 1
+  except AttributeError:  # no affinity on this OS
+    return os.cpu_count() or 1
 
 
 def _run_tasks(tasks: list[_ShardTask], workers: int, progress: tqdm.tqdm) -> list[dict]:
@@ -389,22 +503,31 @@ def check_existing(corpus: Corpus, prepared_dir: str, settings: Settings) -> Non
 
 def prepare_corpus(corpus: Corpus, prepared_dir: str, settings: Settings, *,
                    shard_size: int = 128, workers: int = 0, progress: bool = True,
+                   process_index: int = 0, process_count: int = 1,
                    _fail_at_video: int | None = None) -> dict:
   """Prepares (or finishes preparing) one corpus under `prepared_dir`; returns the summary
-  that is also written to `prepare_info.json` (plus 'shards_written', 'shards_skipped').
+  that is also written to `prepare_info.json` (plus 'shards_written', 'shards_skipped':
+  this host's shards written now and found finished).
 
-  `workers`: processes writing shards (0: one per core; 1: this process).
-  Raises `PrepareInterrupted` when a worker dies (rerun to resume).
+  `workers`: processes writing shards (0: one per core this process may use; 1: this
+  process).
+  `process_index`, `process_count`: this host among the hosts that run the same prepare
+  into the same (shared) `prepared_dir` (module docstring); returns once the whole
+  corpus is prepared, on every host.
+  Raises `PrepareInterrupted` when a worker dies or another host stopped (rerun to resume).
   """
   if settings.kind != corpus.kind:
     raise ValueError(f"settings kind {settings.kind!r} != corpus kind {corpus.kind!r}")
   if shard_size < 1:
     raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not within [0, {process_count})")
   directory = ps.corpus_dir(prepared_dir, corpus.name)
   name = ps.tfds_name(corpus.name)
   plan = _plan(corpus, settings, shard_size, name)
   plan_path = os.path.join(directory, ps.PLAN_FILE)
   info_path = os.path.join(directory, ps.INFO_FILE)
+  host = f"host {process_index} of {process_count}: " if process_count > 1 else ""
   if os.path.isfile(plan_path):
     old = ps.read_json(plan_path)
     _check_plan(old, plan, directory)
@@ -412,40 +535,106 @@ def prepare_corpus(corpus: Corpus, prepared_dir: str, settings: Settings, *,
     if os.path.isfile(info_path):
       info = ps.read_json(info_path)
       if progress:
-        print(f"{corpus.name}: already prepared in {directory} ({info['num_videos']} videos, "
-              f"{info['num_failures']} failed)", flush=True)
-      info.update(shards_written=0, shards_skipped=plan["num_shards"])
+        print(f"{host}{corpus.name}: already prepared in {directory} ({info['num_videos']} "
+              f"videos, {info['num_failures']} failed)", flush=True)
+      own = len(host_shards(plan["num_shards"], process_index, process_count))
+      info.update(shards_written=0, shards_skipped=own)
       return info
   os.makedirs(os.path.join(directory, ps.SHARD_INFO_DIR), exist_ok=True)
-  shutil.rmtree(os.path.join(directory, TMP_DIR), ignore_errors=True)  # an interrupted run's
-  os.makedirs(os.path.join(directory, TMP_DIR))
-  if not os.path.isfile(plan_path):
+  # This host's interrupted run's partial shards (other hosts' folders are theirs to clear).
+  tmp_dir = _host_tmp_dir(directory, process_index)
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  os.makedirs(tmp_dir)
+  started = os.stat(tmp_dir).st_mtime  # the shared folder's clock, for failure markers
+  # Host 0 writes the plan; the others compute the same one (or read the first run's).
+  if process_index == 0 and not os.path.isfile(plan_path):
     ps.write_json_atomic(plan_path, plan)
 
   size, num_shards = plan["shard_size"], plan["num_shards"]
+
+  def num_records(shard: int) -> int:
+    return len(corpus.media[shard * size:(shard + 1) * size])
+
+  own = host_shards(num_shards, process_index, process_count)
   finished, tasks = {}, []
-  for shard in range(num_shards):
-    first = shard * size
-    media = tuple(corpus.media[first:first + size])
-    info = _finished_shard(directory, name, shard, num_shards, len(media))
+  for shard in own:
+    info = _finished_shard(directory, name, shard, num_shards, num_records(shard))
     if info is not None:
       finished[shard] = info
     else:
-      tasks.append(_ShardTask(directory, name, shard, num_shards, first, media,
-                              corpus.media_root, settings, _fail_at_video))
-  workers = int(workers) if workers else (os.cpu_count() or 1)
+      first = shard * size
+      tasks.append(_ShardTask(directory, tmp_dir, name, shard, num_shards, first,
+                              tuple(corpus.media[first:first + size]), corpus.media_root,
+                              settings, _fail_at_video))
+  workers = int(workers) if workers else _usable_cores()
   todo = sum(len(t.media) for t in tasks)
-  start = time.perf_counter()
   if progress:
-    print(f"Preparing {corpus.name} ({corpus.num_videos} videos, {num_shards} shards; "
-          f"{len(finished)} already done) into {directory} with {min(workers, max(len(tasks), 1))} "
-          f"worker(s): {settings.to_json()}", flush=True)
-  with tqdm.tqdm(total=todo, desc=f"prepare {corpus.name} (videos)", disable=not progress) as bar:
-    for info in _run_tasks(tasks, workers, bar):
-      finished[info["shard"]] = info
-  elapsed = time.perf_counter() - start
+    mine = (f"this host writes the {len(own)} with index mod {process_count} = "
+            f"{process_index}, " if process_count > 1 else "")
+    print(f"{host}Preparing {corpus.name} ({corpus.num_videos} videos, {num_shards} shards; "
+          f"{mine}{len(finished)} already done) into {directory} with "
+          f"{min(workers, max(len(tasks), 1))} worker(s): {settings.to_json()}", flush=True)
+  try:
+    start = time.perf_counter()
+    with tqdm.tqdm(total=todo, desc=f"prepare {corpus.name} (videos)",
+                   disable=not progress) as bar:
+      for info in _run_tasks(tasks, workers, bar):
+        finished[info["shard"]] = info
+    elapsed = time.perf_counter() - start
+    if process_count > 1 and process_index != 0:
+      # Host 0 writes the metadata once every host's shards are done.
+      _wait(lambda: os.path.isfile(info_path),
+            lambda: f"host 0 to finish {corpus.name} (the other hosts' shards, then the "
+                    f"metadata: {info_path})", directory, started, progress, host)
+      shutil.rmtree(tmp_dir, ignore_errors=True)
+      info = ps.read_json(info_path)
+      if progress:
+        print(f"{host}{corpus.name}: {len(tasks)} of this host's {len(own)} shards written "
+              f"in {elapsed:.1f} s; all {num_shards} ready in {directory}", flush=True)
+      return dict(info, shards_written=len(tasks), shards_skipped=len(own) - len(tasks))
+    if process_count > 1:
+      others = [s for s in range(num_shards) if s not in finished]
 
-  shards = [finished[s] for s in range(num_shards)]
+      def all_done() -> bool:  # each shard is verified once, when it is first seen done
+        for shard in list(others):
+          info = _finished_shard(directory, name, shard, num_shards, num_records(shard))
+          if info is not None:
+            finished[shard] = info
+            others.remove(shard)
+        return not others
+
+      _wait(all_done, lambda: f"{len(others)} shards of the other hosts (the first: "
+            f"{others[:8]}; shard s is host s mod {process_count}'s)", directory, started,
+            progress, host)
+    info = _write_metadata(corpus, settings, directory, plan,
+                           [finished[s] for s in range(num_shards)])
+  except BaseException as e:
+    if process_count > 1:
+      _mark_failed(tmp_dir, e)
+    raise
+  shutil.rmtree(os.path.join(directory, TMP_DIR), ignore_errors=True)  # every host's
+  failures = info["failures"]
+  if progress:
+    rate = todo / elapsed if elapsed > 0 else 0.0
+    before = (f"{len(own) - len(tasks)} of this host's {len(own)} were done before, the "
+              f"other hosts wrote or kept the rest" if process_count > 1
+              else f"{num_shards - len(tasks)} were done before")
+    print(f"{host}{corpus.name}: {corpus.num_videos} videos ready in {directory} "
+          f"({info['num_bytes'] / 2**20:.1f} MiB; {len(tasks)} shards written in {elapsed:.1f} s, "
+          f"{rate:.1f} videos/s; {before})", flush=True)
+    if failures:
+      reasons = ", ".join(f"{r} {n}" for r, n in sorted(info["failures_by_reason"].items()))
+      print(f"  {len(failures)} of {corpus.num_videos} videos could not be prepared ({reasons}); "
+            f"they read as failed decodes. Listed in {info_path}; the first:", flush=True)
+      for f in failures[:10]:
+        print(f"    {f['reason']}: {f['path']} ({f['message']})", flush=True)
+  return dict(info, shards_written=len(tasks), shards_skipped=len(own) - len(tasks))
+
+
+def _write_metadata(corpus: Corpus, settings: Settings, directory: str, plan: dict,
+                    shards: list[dict]) -> dict:
+  """The TFDS metadata and `prepare_info.json` (last: its presence says the corpus is
+  complete) from every shard's info; returns the summary."""
   failures = [f for s in shards for f in s["failures"]]
   tfds = ps.import_tfds()
   tfds.folder_dataset.write_metadata(
@@ -461,20 +650,8 @@ def prepare_corpus(corpus: Corpus, prepared_dir: str, settings: Settings, *,
   info = dict(plan, num_failures=len(failures), failures_by_reason=by_reason,
               failures=failures, num_bytes=sum(s["num_bytes"] for s in shards),
               shard_lengths=[s["num_records"] for s in shards])
-  ps.write_json_atomic(info_path, info)
-  shutil.rmtree(os.path.join(directory, TMP_DIR), ignore_errors=True)
-  if progress:
-    rate = todo / elapsed if elapsed > 0 else 0.0
-    print(f"{corpus.name}: {corpus.num_videos} videos ready in {directory} "
-          f"({info['num_bytes'] / 2**20:.1f} MiB; {len(tasks)} shards written in {elapsed:.1f} s, "
-          f"{rate:.1f} videos/s; {len(finished) - len(tasks)} were done before)", flush=True)
-    if failures:
-      reasons = ", ".join(f"{r} {n}" for r, n in sorted(by_reason.items()))
-      print(f"  {len(failures)} of {corpus.num_videos} videos could not be prepared ({reasons}); "
-            f"they read as failed decodes. Listed in {info_path}; the first:", flush=True)
-      for f in failures[:10]:
-        print(f"    {f['reason']}: {f['path']} ({f['message']})", flush=True)
-  return dict(info, shards_written=len(tasks), shards_skipped=num_shards - len(tasks))
+  ps.write_json_atomic(os.path.join(directory, ps.INFO_FILE), info)
+  return info
 
 
 def config_corpora(data_cfg) -> list:
@@ -508,13 +685,19 @@ def check_config(data_cfg) -> list[tuple[Any, Corpus, Settings]]:
   return out
 
 
-def prepare_from_config(data_cfg, *, progress: bool = True) -> list[dict]:
-  """Prepares every train and eval corpus of `data_cfg` under `data_cfg.prepared_dir`."""
+def prepare_from_config(data_cfg, *, progress: bool = True, process_index: int | None = None,
+                        process_count: int | None = None) -> list[dict]:
+  """Prepares every train and eval corpus of `data_cfg` under `data_cfg.prepared_dir`,
+  one corpus after the other; on several hosts (`process_of_run()` unless given), this
+  host's share of each."""
+  if process_index is None or process_count is None:
+    process_index, process_count = process_of_run()
   summaries = []
   for _, corpus, settings in check_config(data_cfg):
     summaries.append(prepare_corpus(
         corpus, data_cfg.prepared_dir, settings, shard_size=int(data_cfg.prepare_shard_size),
-        workers=int(data_cfg.prepare_workers), progress=progress))
+        workers=int(data_cfg.prepare_workers), progress=progress,
+        process_index=process_index, process_count=process_count))
   if progress:
     failed = sum(s["num_failures"] for s in summaries)
     print(f"Prepared {len(summaries)} corpora in {data_cfg.prepared_dir} "
@@ -537,12 +720,17 @@ def main(argv=None) -> None:
   parser.add_argument("--jpeg-quality", type=int, default=90)
   parser.add_argument("--shard-size", type=int, default=128)
   parser.add_argument("--workers", type=int, default=0, help="0: one per core")
+  parser.add_argument("--process-index", type=int, default=0,
+                      help="this host among --process-count hosts running the same command "
+                           "into the same shared --out (e.g. $SLURM_PROCID)")
+  parser.add_argument("--process-count", type=int, default=1, help="e.g. $SLURM_NTASKS")
   args = parser.parse_args(argv)
   corpus = load_corpus(args.anno_file, args.media_root, kind=args.kind, name=args.name)
   settings = Settings(kind=args.kind, fps=args.fps, short_side=args.short_side,
                       max_seconds=args.max_seconds, jpeg_quality=args.jpeg_quality)
   try:
-    prepare_corpus(corpus, args.out, settings, shard_size=args.shard_size, workers=args.workers)
+    prepare_corpus(corpus, args.out, settings, shard_size=args.shard_size, workers=args.workers,
+                   process_index=args.process_index, process_count=args.process_count)
   except PrepareInterrupted as e:
     sys.exit(f"interrupted: {e}")
 

@@ -220,7 +220,7 @@ class PreparedFrames:
     self.info = check_prepared(corpus, prepared_dir, max_seconds)
     self.directory = corpus_dir(prepared_dir, corpus.name)
     self.media_root = corpus.media_root
-    self.media = list(corpus.media)
+    self.media = corpus.media  # the index reads each path on demand: no copy per worker
     self.max_seconds = max_seconds
     self._source = None
 

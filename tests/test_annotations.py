@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from input_pipeline import annotation_index, annotations
 from input_pipeline.annotations import AnnotationError, load_corpus, load_corpus_from_config
 from input_pipeline.config import corpus_config, data_config
 
@@ -112,21 +113,23 @@ def test_data_config_defaults():
 
 
 def test_unchanged_file_is_read_once_per_process(tmp_path, monkeypatch):
-  from input_pipeline import annotations  # noqa: PLC0415
-  reads = []
-  real_read = annotations._read_json
-  monkeypatch.setattr(annotations, "_read_json", lambda f: reads.append(f) or real_read(f))
+  monkeypatch.setenv(annotation_index.CACHE_ENV, str(tmp_path / "cache"))
   anno = write(tmp_path, [{"video": "a.mp4", "caption": "one"}, {"video": "b.mp4", "caption": "two"}])
   first = load_corpus(anno, str(tmp_path))
-  assert load_corpus(anno, str(tmp_path)) is first and len(reads) == 1
+  assert load_corpus(anno, str(tmp_path)) is first
   assert first.pair_video.flags.writeable is False  # shared, so read-only
-  # Other arguments index the file differently: a read of their own.
-  assert load_corpus(anno, str(tmp_path), paragraph=True) is not first and len(reads) == 2
+  built = first.index.info["build_id"]
+  # Other arguments index the file differently: an index of their own.
+  para = load_corpus(anno, str(tmp_path), paragraph=True)
+  assert para is not first and para.index.directory != first.index.directory
+  # Another process (here: this one with its memory cache emptied) opens the same index.
+  annotations._cache.clear()  # pylint: disable=protected-access
+  assert load_corpus(anno, str(tmp_path)).index.info["build_id"] == built
   # A changed file (new size and time) is read again and indexed afresh.
   write(tmp_path, [{"video": "c.mp4", "caption": "three"}])
   os.utime(anno, ns=(10 ** 18, 10 ** 18))
   again = load_corpus(anno, str(tmp_path))
-  assert len(reads) == 3 and again.media == ["c.mp4"]
+  assert again.media == ["c.mp4"] and again.index.info["build_id"] != built
   # Errors are never cached: a file made bad fails on every load.
   (tmp_path / "anno.json").write_text("[{")
   for _ in range(2):
