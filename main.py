@@ -88,6 +88,12 @@ def main(argv):
   if mode != "prepare" and not workdir:
     raise app.UsageError(f"--workdir is required for --mode {mode}")
   logging.set_verbosity(logging.WARNING)
+  try:  # before anything starts: no data check, no compile, no other process waited for
+    config_checks.check_paths(config, workdir, mode)
+    config_checks.check_initialization(config, workdir, mode)
+  except (FileNotFoundError, ValueError) as e:
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(2)
   sharding.maybe_initialize_distributed(config)
   try:
     synthetic_autocreate.create_if_missing(config)
@@ -131,8 +137,12 @@ def _run(config, workdir, mode):
       sys.stderr.write(f"FATAL: {e}\n")
       sys.exit(1)
   elif mode in ("train", "train_and_eval"):
-    from t2v2t_jax.training import train  # noqa: PLC0415
-    train.train_and_evaluate(config, workdir, evaluate_at_end=mode == "train_and_eval")
+    from t2v2t_jax.training import preemption, train  # noqa: PLC0415
+    try:
+      train.train_and_evaluate(config, workdir, evaluate_at_end=mode == "train_and_eval")
+    except preemption.Preempted as e:  # saved; every process stops with the same code
+      print(e, flush=True)
+      sys.exit(preemption.EXIT_CODE)
   elif mode == "eval":
     from t2v2t_jax.evaluation import evaluate  # noqa: PLC0415
     evaluate.evaluate_checkpoint(config, workdir)

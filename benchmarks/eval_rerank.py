@@ -24,9 +24,18 @@ Datasets (SPEC 5-7): msrvtt 1,000 texts x 1,000 videos, 12 frames, 32 tokens;
 didemo 1,004 x 1,004 paragraphs, 12 frames, 64 tokens; anet 4,917 paragraphs x 4,917
 videos, 32 frames, 64 tokens; k = 128.
 
+--bounded: disk and memory of a whole evaluation per `eval.token_cache` ('memory', 'disk',
+'recompute'), on an ActivityNet-like corpus scaled down (synthetic videos generated once
+into --bounded-dir, paragraph texts, many frames, 224 px so 197 tokens a frame; a narrow
+one-layer video encoder so that it runs on a CPU). Each cache runs in a process of its
+own: peak RSS (VmHWM; RssAnon and RssFile sampled every 20 ms), the bytes of the files
+the evaluation writes, stage-1 and rerank wall time, and the metrics (which must agree).
+The paper-size figures follow from the per-token bytes and `flops.py`.
+
 Examples:
   python benchmarks/eval_rerank.py                          # test size on the CPU
   python benchmarks/eval_rerank.py --preset paper --datasets msrvtt,anet --modes t2v2t,v2t
+  python benchmarks/eval_rerank.py --bounded --bounded-videos 240 --bounded-frames 32
 """
 
 from __future__ import annotations
@@ -282,6 +291,175 @@ def report(r: dict) -> None:
         f"{common.gib(r['similarity_bytes'])}", flush=True)
 
 
+# -- --bounded: the token cache's disk and memory -------------------------------------------
+
+def _proc_status(*keys) -> dict:
+  """kB fields of /proc/self/status, in bytes."""
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      name, _, rest = line.partition(":")
+      if name in keys:
+        out[name] = int(rest.split()[0]) * 1024
+  return out
+
+
+def _files_bytes(folder: str) -> tuple[int, int]:
+  """(apparent size, bytes allocated on disk) of every file under `folder`."""
+  size = allocated = 0
+  for root, _, files in os.walk(folder):
+    for name in files:
+      st = os.stat(os.path.join(root, name))
+      size, allocated = size + st.st_size, allocated + st.st_blocks * 512
+  return size, allocated
+
+
+def _bounded_model(args, vocab_size: int):
+  from t2v2t_jax.models.config import model_config, validate_model_config  # noqa: PLC0415
+  cfg = model_config("test/16", "test", args.mode)
+  w = int(args.bounded_width)
+  cfg.vision.update(width=w, depth=1, num_heads=2, mlp_dim=2 * w, image_size=224,
+                    num_frames=int(args.bounded_frames))
+  cfg.text.vocab_size = vocab_size
+  cfg.text.max_position = 128
+  validate_model_config(cfg)
+  return cfg
+
+
+def bounded_child(args) -> dict:
+  """One evaluation with `eval.token_cache = args.bounded_child` (a process of its own)."""
+  import tempfile  # noqa: PLC0415
+  import threading  # noqa: PLC0415
+
+  from flax import nnx  # noqa: PLC0415
+
+  from input_pipeline import pipeline as pipeline_lib  # noqa: PLC0415
+  from input_pipeline.config import corpus_config  # noqa: PLC0415
+  from t2v2t_jax import sharding as sharding_lib  # noqa: PLC0415
+  from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator  # noqa: PLC0415
+  from t2v2t_jax.models.t2v2t import create_model  # noqa: PLC0415
+
+  cache, root = args.bounded_child, args.bounded_dir
+  vocab = os.path.join(root, "vocab.txt")
+  with open(vocab) as f:
+    cfg = _bounded_model(args, sum(1 for _ in f))
+  data = pipeline_lib.make_eval_data(
+      corpus_config("anet_like", os.path.join(root, "test.json"), root, paragraph=True),
+      tokenizer=vocab, num_frames=int(args.bounded_frames), image_size=224, max_len=64,
+      batch_size=int(args.bounded_video_batch), num_workers=0)
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+  graphdef, params = nnx.split(create_model(cfg), nnx.Param)
+  folder = tempfile.mkdtemp(prefix="t2v2t_bounded_", dir=args.bounded_scratch)
+  evaluator = RetrievalEvaluator(graphdef, mesh, k=args.bounded_k, rerank_batch_size=args.rerank_batch,
+                                 token_cache=cache,
+                                 token_cache_dir=folder if cache == "disk" else None,
+                                 progress=False)
+  peaks = {"RssAnon": 0, "RssFile": 0}
+  stop = threading.Event()
+
+  def sample():
+    while not stop.is_set():
+      for key, value in _proc_status("RssAnon", "RssFile").items():
+        peaks[key] = max(peaks[key], value)
+      stop.wait(0.02)
+
+  start_rss = _proc_status("VmRSS")["VmRSS"]
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  t0 = time.perf_counter()
+  embedded = evaluator.embed(params, data)
+  t1 = time.perf_counter()
+  files_after_stage1 = _files_bytes(folder)
+  res = evaluator.evaluate(params, data, embedded=embedded)
+  t2 = time.perf_counter()
+  stop.set()
+  sampler.join()
+  size, allocated = _files_bytes(folder)
+  tokens_per_video = int(args.bounded_frames) * 197 * cfg.vision.width
+  out = {"benchmark": "eval_rerank_bounded", **common.device_summary(), "token_cache": cache,
+         "videos": data.num_videos, "texts": len(data.texts), "frames": data.num_frames,
+         "vision_width": cfg.vision.width, "mode": args.mode, "k": args.bounded_k,
+         "video_batch": int(args.bounded_video_batch),
+         "token_bytes_per_video_float16": 2 * tokens_per_video,
+         "rss_start_bytes": start_rss, "peak_rss_bytes": _proc_status("VmHWM")["VmHWM"],
+         "peak_rss_anon_bytes": peaks["RssAnon"], "peak_rss_file_bytes": peaks["RssFile"],
+         "files_bytes": size, "files_allocated_bytes": allocated,
+         "files_bytes_after_stage1": files_after_stage1[0],
+         "stage1_s": t1 - t0, "rerank_s": t2 - t1, "pairs": evaluator.transfer_stats["pairs"],
+         "padded_texts": evaluator.transfer_stats["padded_texts"],
+         "reread": evaluator.reread_stats, "load": common.load_str(),
+         "metrics": {k: res[k] for k in ("emb_t2v_r1", "t2v_r1", "t2v_r5", "v2t_r1", "r_mean")}}
+  for root_, _, files in os.walk(folder, topdown=False):
+    for name in files:
+      os.remove(os.path.join(root_, name))
+    os.rmdir(root_)
+  return out
+
+
+def paper_size_bounded(per_token_bytes: float = 2.0) -> dict:
+  """ActivityNet val1 at paper size: the token store and the extra encoder work of
+  'recompute' (every video is some query's candidate, so all are encoded again)."""
+  n, frames, text_len, pairs = 4917, 32, 64, 660_572   # pairs: `simulated_pair_count`
+  s = flops_lib.Sizes(frames=frames, text_len=text_len)
+  video = flops_lib.total(flops_lib.vision_forward(s, frames))
+  text = flops_lib.total(flops_lib.text_forward(s))
+  stage1 = n * (video + text)
+  out = {"videos": n, "frames": frames, "tokens_per_frame": s.tokens_per_frame,
+         "width": s.vision_width,
+         "token_store_bytes": n * frames * s.tokens_per_frame * s.vision_width * per_token_bytes,
+         "video_encoder_flops_per_video": video, "text_encoder_flops_per_text": text,
+         "stage1_flops": stage1, "extra_flops": n * video,
+         "extra_over_stage1": n * video / stage1}
+  for mode in ("v2t", "t2v2t"):
+    rerank = pairs * flops_lib.rerank_per_pair(s, mode)
+    out[f"extra_over_whole_eval_{mode}"] = n * video / (stage1 + rerank)
+  return out
+
+
+def bounded_main(args) -> int:
+  import json  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+
+  from input_pipeline import synthetic  # noqa: PLC0415
+  root = args.bounded_dir
+  if not os.path.exists(os.path.join(root, "test.json")):
+    print(f"[eval_rerank] generating {args.bounded_videos} videos of {args.bounded_frames} "
+          f"frames into {root}", flush=True)
+    synthetic.generate_dataset(root, num_train=0, num_val=0, num_test=args.bounded_videos,
+                               size=args.bounded_size, num_frames=args.bounded_frames,
+                               fps=8, pair_fraction=0.0)
+  results = []
+  for cache in args.bounded_caches.split(","):
+    argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + ["--bounded-child", cache]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode:
+      print(proc.stderr[-3000:], flush=True)
+      return 1
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    results.append(r)
+    common.emit(r, args.json_out, echo=False)
+    print(f"[eval_rerank] token_cache={cache}: peak RSS {common.gib(r['peak_rss_bytes'])} "
+          f"(start {common.gib(r['rss_start_bytes'])}; anon {common.gib(r['peak_rss_anon_bytes'])}, "
+          f"file {common.gib(r['peak_rss_file_bytes'])}), files "
+          f"{r['files_bytes'] / 2**20:.1f} MiB, stage 1 {r['stage1_s']:.1f} s, rerank "
+          f"{r['rerank_s']:.1f} s, {r['pairs']} pairs, metrics {r['metrics']}", flush=True)
+  if len({json.dumps(r["metrics"], sort_keys=True) for r in results}) != 1:
+    print("[eval_rerank] the token caches gave different metrics", flush=True)
+    return 1
+  paper = paper_size_bounded()
+  per_video = results[0]["token_bytes_per_video_float16"]
+  print(f"[eval_rerank] {results[0]['videos']} videos x {results[0]['frames']} frames x 197 x "
+        f"{results[0]['vision_width']}: {per_video / 2**20:.2f} MiB of float16 tokens a video; "
+        f"ActivityNet at paper size ({paper['videos']} x {paper['frames']} x 197 x 768): "
+        f"{common.gib(paper['token_store_bytes'])} per process for 'memory' / 'disk'; "
+        f"'recompute' adds {100 * paper['extra_over_stage1']:.0f}% of the stage-1 FLOPs "
+        f"({paper['extra_flops'] / 1e15:.2f} PFLOPs), "
+        f"{100 * paper['extra_over_whole_eval_t2v2t']:.1f}% of the whole t2v2t evaluation, "
+        f"{100 * paper['extra_over_whole_eval_v2t']:.1f}% of a v2t one", flush=True)
+  common.emit({"benchmark": "eval_rerank_bounded_paper", **paper}, args.json_out)
+  return 0
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -304,7 +482,25 @@ def main(argv=None):
   parser.add_argument("--host-batches", type=int, default=2,
                       help="batches timed through score_candidates (0: skip the host path)")
   parser.add_argument("--json-out")
+  b = parser.add_argument_group("--bounded: disk and memory per eval.token_cache")
+  b.add_argument("--bounded", action="store_true", help="run this case instead")
+  b.add_argument("--bounded-caches", default="memory,disk,recompute")
+  b.add_argument("--bounded-dir", default="/tmp/t2v2t_bounded_corpus",
+                 help="synthetic corpus folder (generated when it has no test.json)")
+  b.add_argument("--bounded-scratch", help="folder for the 'disk' cache (default: the temp dir)")
+  b.add_argument("--bounded-videos", type=int, default=240)
+  b.add_argument("--bounded-frames", type=int, default=32)
+  b.add_argument("--bounded-size", type=int, default=112, help="side of the generated videos")
+  b.add_argument("--bounded-width", type=int, default=96, help="video encoder width")
+  b.add_argument("--bounded-k", type=int, default=16)
+  b.add_argument("--bounded-video-batch", type=int, default=8)
+  b.add_argument("--bounded-child", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.bounded_child:
+    common.emit(bounded_child(args), None)
+    return 0
+  if args.bounded:
+    return bounded_main(args)
   common.resolve_args(args)
   common.setup_compile_cache(args.compile_cache)
   from t2v2t_jax import sharding as sharding_lib  # noqa: PLC0415

@@ -48,7 +48,16 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
   c.data.prepared_dir = c.get_ref("data_root") + "/prepared"  # shards of `--mode prepare`
   c.optimizer = optimizer_config()
   c.loss_weights = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0))
-  c.vtm_negatives = "global"           # 'global' | 'per_device' (VindLU's scope: each device's rows)
+  # The objective and LR schedule (t2v2t_jax/training/objective.py, docs/reproducing.md).
+  # 'vindlu' (the paper recipes'): what VindLU's code optimised on the poster's GPUs: VTC
+  # weighted 1/vindlu_world_size, VTM negatives and MLM means per group of vindlu_gpu_batch
+  # rows of the global batch, VindLU's LR formula. 'global' (the project's own): the global
+  # VTC loss's full gradient, negatives by `vtm_negatives`, optax warmup + cosine.
+  c.protocol = "global"                # 'vindlu' | 'global'
+  c.vindlu_world_size = 1              # 'vindlu': the poster's GPU count for this recipe
+  c.vindlu_gpu_batch = 32              # 'vindlu': the poster's per-GPU batch
+  c.vtm_negatives = "global"           # 'global': 'global' | 'per_device' (each device's rows)
+  c.deterministic = False              # True: train with every dropout and stochastic depth off
   c.batch_size = 512                   # global batch (all devices, all hosts)
   c.num_frames = 4                     # training frames
   c.total_steps = 0                    # 0: optimizer.epochs x steps per epoch
@@ -59,9 +68,21 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.eval_every = 0                     # 0: evaluate only at the end of training
+  c.eval_every_epochs = 0.0            # > 0: evaluate every that many epochs (overrides eval_every)
+  # '<eval corpus>/<metric>' (higher is better, e.g. 'didemo_val/r_mean'): the evaluated step
+  # that scores best is kept and named in checkpoints/best.json (VindLU's stop_key); '': none.
+  c.best_key = ""
+  c.pick_checkpoint = "best"           # --mode eval / init_from read: 'best' (if marked) | 'latest'
+  # A jax.profiler trace into workdir/tensorboard (TensorBoard's Profile tab), process 0 only.
+  c.profile_steps = ""                 # 'START:STOP' traces steps START+1..STOP ('10:15'); '': none
   c.init_from = ""                     # a run's workdir / checkpoint folder, or a VindLU .pth
   c.start_over = False                 # start from scratch over an earlier run without checkpoints
   c.pretrained = ml_collections.ConfigDict(dict(beit="", bert=""))  # Hugging Face names or folders
+  # A fine-tuning recipe sets `requires_init`: started without init_from or pretrained it
+  # would train BEiT-B and BERT from random weights for hours, so it refuses to start
+  # unless `allow_random_init` says that is meant (`config_checks.check_initialization`).
+  c.requires_init = False
+  c.allow_random_init = False
 
   c.synthetic = ml_collections.ConfigDict(dict(create_if_missing=False))
 
@@ -81,23 +102,36 @@ def base_config(*, vision="B/16", text="base", fusion_mode="t2v2t") -> ml_collec
   c.eval.video_batch_size = 32
   c.eval.text_batch_size = 256
   c.eval.alpha = 0.0                   # final = itm + alpha * stage-1 similarity (0: VindLU)
-  c.eval.token_cache = "memory"        # 'memory' | 'disk' (memory-mapped under the workdir)
+  # Where the rerank's video tokens come from. 'memory' / 'disk': stage 1 keeps all of them
+  # in float16 on every process, in RAM or memory-mapped under the workdir (videos x frames
+  # x 197 x 768 x 2 bytes: 3.4 GiB for MSR-VTT at 12 frames, 44 GiB for ActivityNet at 32);
+  # 'recompute': only the embeddings are kept and the rerank reads and encodes each video
+  # once more (the same program on the same frames: the same tokens; +100% of stage 1's
+  # video-encoder FLOPs and reads, one batch of tokens held: docs/benchmarks.md); 'auto':
+  # 'memory' when the tokens fit in eval.token_memory_gib, else 'recompute'.
+  c.eval.token_cache = "auto"          # 'auto' | 'memory' | 'disk' | 'recompute': rerank tokens
+  c.eval.token_memory_gib = 8.0        # 'auto' keeps a corpus's video tokens in RAM up to this
   return c
 
 
-def finetune_config(*, batch_size: int, epochs: float, max_len: int, train_frames: int = 12,
+def finetune_config(*, gpus: int, epochs: float, max_len: int, train_frames: int = 12,
                     eval_frames: int = 12) -> ml_collections.ConfigDict:
-  """Retrieval fine-tuning (SPEC 7): lr 1e-5 -> 1e-6, 0.5 warmup epochs, VTC + VTM, bf16 with
-  per-layer remat; the recipe adds its corpora."""
+  """Retrieval fine-tuning (SPEC 7): batch 32 x `gpus` (the poster's), lr 1e-5 -> 1e-6,
+  0.5 warmup epochs, VTC + VTM, bf16 with per-layer remat, VindLU's objective and schedule
+  on those GPUs (protocol 'vindlu'); the recipe adds its corpora."""
   c = base_config()
   c.data.max_len = max_len
-  c.batch_size = batch_size
+  c.batch_size = 32 * gpus
+  c.protocol = "vindlu"
+  c.vindlu_world_size, c.vindlu_gpu_batch = gpus, 32
   c.num_frames = train_frames
   c.model.vision.num_frames = train_frames
   c.eval.num_frames = eval_frames
   c.optimizer.lr, c.optimizer.min_lr = 1e-5, 1e-6
   c.optimizer.epochs, c.optimizer.warmup_epochs = epochs, 0.5
   c.loss_weights.update(dict(vtc=1.0, vtm=1.0, mlm=0.0))
+  c.requires_init = True  # fine-tuning from random weights is refused unless asked for
+  c.eval_every_epochs = 1.0  # VindLU evaluates after every epoch (the recipe sets best_key)
   c.model.remat = "full"
   c.model.dtype = "bfloat16"
   return c
@@ -150,6 +184,9 @@ def apply_tiny(config) -> None:
   config.pretrained.beit = ""
   config.pretrained.bert = ""
   config.init_from = ""
+  config.allow_random_init = True  # no pretrained weights exist at these sizes
+  if config.best_key:  # the recipe's corpus becomes the synthetic test split
+    config.best_key = "synthetic_test/" + config.best_key.partition("/")[2]
 
 
 def finalize(config, arg: str | None):

@@ -9,7 +9,9 @@ video or all images. Expects `{data_root}/anno/webvid_2.5m_train.json`,
 `{data_root}/anno/cc3m_train.json`, videos under `videos/webvid`, images under
 `images/cc3m`. Fine-tuned from this, T2V2T reaches R@1 44.4 (MSR-VTT), 56.0 (DiDeMo),
 52.1 (ActivityNet).
-On TPU: as configs/webvid_pretrain.py (its video batches compile to the same program).
+The objective and LR schedule are webvid_pretrain.py's: VindLU's on the poster's 8 GPUs of
+64 (`protocol='vindlu'`). On TPU: as configs/webvid_pretrain.py (its video batches compile
+to the same program).
 """
 
 from configs import common, webvid_pretrain

@@ -37,6 +37,7 @@ def load_tokenizer(name_or_path: str):
   map to [UNK].
   """
   from transformers import BertTokenizer  # pylint: disable=g-import-not-at-top
+  name_or_path = _local_copy(name_or_path)
   if os.path.isfile(name_or_path):
     tokenizer = BertTokenizer(vocab=name_or_path, do_lower_case=True)
   elif os.path.isdir(name_or_path):
@@ -49,6 +50,23 @@ def load_tokenizer(name_or_path: str):
     tokenizer = BertTokenizer.from_pretrained(name_or_path, do_lower_case=True)
   check_tokenizer(tokenizer, name_or_path)
   return tokenizer
+
+
+def _local_copy(name_or_path: str) -> str:
+  """A `gs://` vocab file or tokenizer folder copied to a local temporary folder
+  (transformers opens local files only); anything else is returned as it is."""
+  from t2v2t_jax import storage  # noqa: PLC0415
+  if not storage.is_remote(name_or_path):
+    return name_or_path
+  storage.check_path(name_or_path, "data.tokenizer")
+  if storage.isfile(name_or_path):
+    return storage.copy_to_local(name_or_path)
+  import tempfile  # noqa: PLC0415
+  local = tempfile.mkdtemp(prefix="t2v2t_tokenizer_")
+  for name in storage.listdir(name_or_path):
+    if name.endswith((".txt", ".json")):  # vocab.txt, tokenizer*.json, special tokens
+      storage.copy_to_local(storage.join(name_or_path, name), local)
+  return local
 
 
 def check_tokenizer(tokenizer, source: str = "tokenizer") -> None:

@@ -12,11 +12,15 @@ Conventions recorded here (SPEC asks for each to be written down):
   gradient do not depend on how many devices hold the batch. VindLU gathers features
   with an all-gather whose backward returns only the local slice, and DDP then averages
   over devices, so VindLU's effective VTC gradient is 1/world_size of the gradient of
-  this loss (on top of the value being the same). With 8 devices our VTC gradient is
-  therefore 8x VindLU's; to reproduce VindLU's balance exactly, scale the VTC weight.
-- VTM hard negatives are drawn from the GLOBAL batch (VindLU draws from the per-device
-  batch). A larger pool gives harder negatives; this is a DECISION, see
-  `sample_hard_negatives`.
+  this loss (on top of the value being the same). The objective's `protocol='vindlu'`
+  (training/objective.py) therefore weighs VTC by 1/W, W the poster's GPU count for the
+  recipe; `protocol='global'` takes this loss's full gradient.
+- VTM hard negatives are drawn from whatever batch `sample_hard_negatives` is given: the
+  objective passes the global batch ('global') or row groups of it (VindLU's per-GPU
+  batches under 'vindlu'; see training/objective.py).
+- MLM: `mlm_loss` averages over the masked positions of the batch, or, with `groups`, over
+  each row group's masked positions and then over the groups (VindLU: each GPU's mean,
+  then DDP's average).
 - MLM random replacement tokens are drawn uniformly from the whole vocabulary, special
   tokens included, as BERT and VindLU do.
 """
@@ -93,8 +97,9 @@ def sample_hard_negatives(sim_v2t: jax.Array, temp: jax.Array, video_idx: jax.Ar
   rest renormalised; one index per row is drawn by categorical sampling. A drawn
   negative is never a positive as long as the row has any negative.
 
-  DECISION: the pool is whatever batch `sim_v2t` covers; the train step passes the
-  GLOBAL batch (VindLU used the per-device batch, i.e. B/world_size candidates).
+  The pool is whatever batch `sim_v2t` covers: the objective passes the global batch or
+  the diagonal blocks of its row groups (VindLU used the per-GPU batch, B/world_size
+  candidates; training/objective.py).
 
   Degenerate rows: if every entry of the batch shows the same video as row i, row i has
   no negative. It then falls back to a uniform draw among the other entries (j != i), which
@@ -180,7 +185,8 @@ def mask_tokens(input_ids: jax.Array, attention_mask: jax.Array, key: jax.Array,
   return masked_ids, labels
 
 
-def mlm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
+def mlm_loss(logits: jax.Array, labels: jax.Array, *, groups: int = 1
+             ) -> tuple[jax.Array, dict]:
   """Cross-entropy over the positions with label != -100, averaged over those positions.
 
   With no such position the loss is 0 (and so is its gradient), not NaN.
@@ -188,18 +194,30 @@ def mlm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
   Args:
     logits: [B, L, V] (any float dtype; the loss is computed in float32).
     labels: [B, L] int, IGNORE_INDEX where nothing is predicted.
+    groups: 1 averages over all the batch's masked positions. g > 1 splits the rows into
+      g contiguous groups, averages within each group and then over the groups: VindLU's
+      loss, where each GPU averages over its own masked positions and DDP averages the
+      GPUs' gradients (the two differ when the groups mask different numbers of tokens).
+      A group with no masked position counts as 0.
 
   Returns:
-    (loss, aux) with `mlm_acc` (over predicted positions) and `mlm_num_masked`.
+    (loss, aux) with `mlm_acc` (over all predicted positions) and `mlm_num_masked`.
   """
   logits = logits.astype(jnp.float32)
   valid = labels != IGNORE_INDEX
   safe_labels = jnp.where(valid, labels, 0)
   target_logit = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
-  per_token = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  per_token = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - target_logit, 0.0)
   num_masked = valid.sum()
   denominator = jnp.maximum(num_masked, 1).astype(jnp.float32)
-  loss = jnp.where(valid, per_token, 0.0).sum() / denominator
+  if groups == 1:
+    loss = per_token.sum() / denominator
+  else:
+    if labels.shape[0] % groups:
+      raise ValueError(f"a batch of {labels.shape[0]} rows does not split into {groups} MLM groups")
+    group_sums = per_token.reshape(groups, -1).sum(axis=1)
+    group_counts = valid.reshape(groups, -1).sum(axis=1)
+    loss = (group_sums / jnp.maximum(group_counts, 1).astype(jnp.float32)).mean()
   correct = (jnp.argmax(logits, axis=-1) == labels) & valid
   aux = dict(mlm_acc=correct.sum() / denominator, mlm_num_masked=num_masked)
   return loss, aux

@@ -2,17 +2,55 @@
 
 Training writes its losses here and evaluation its retrieval results, into the same
 `workdir/metrics.jsonl` and `workdir/tensorboard`. Only process 0 writes, so multi-host
-runs log once; each row is flushed as it is written.
+runs log once. Locally each row is flushed as it is written; with the workdir on GCS
+(`storage.py`), where objects cannot be appended to, both files are uploaded whole every
+`flush_secs` and at `close`.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 
 import jax
 import numpy as np
+
+from t2v2t_jax import storage
+
+FLUSH_SECS = 30.0  # how often a workdir on GCS gets the rows written since the last upload
+
+
+class _ObjectRecordWriter:
+  """tensorboardX's record writer for `gs://` through the project's path layer (its own
+  needs google-cloud-storage's client): the event file is kept in memory and uploaded
+  whole at each flush, which tensorboardX calls every `flush_secs` and at close."""
+
+  def __init__(self, path):
+    self.path = path
+    self.buffer = io.BytesIO()
+
+  def write(self, data):
+    self.buffer.write(data)
+
+  def flush(self):
+    storage.path(self.path).write_bytes(self.buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class _ObjectRecordWriterFactory:
+  def open(self, path):
+    return _ObjectRecordWriter(path)
+
+  def directory_check(self, path):
+    del path  # an object store has no folders to create
+
+
+def _register_gcs_writer():
+  from tensorboardX import record_writer  # noqa: PLC0415
+  record_writer.register_writer_factory("gs", _ObjectRecordWriterFactory())
 
 
 def _scalar(v):
@@ -26,10 +64,12 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       from tensorboardX import SummaryWriter  # protobuf only, no TensorFlow
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      _register_gcs_writer()
+      self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), flush_secs=FLUSH_SECS)
+      self._jsonl = storage.AppendableText(storage.join(workdir, "metrics.jsonl"),
+                                           flush_secs=FLUSH_SECS)
 
   def write(self, step: int, metrics: dict, *, prefix: str = ""):
     if not self.enabled:
@@ -42,7 +82,6 @@ class MetricWriter:
       row[prefix + k] = s
       self._tb.add_scalar(prefix + k, s, int(step))
     self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
 
   def close(self):
     if self.enabled:

@@ -1,7 +1,15 @@
 """Shared test setup: JAX on the CPU, a compilation cache shared by every test process,
-and absl flags marked parsed for Grain."""
+absl flags marked parsed for Grain, and a local GCS API for the cloud storage tests."""
 import os
+import subprocess
+import sys
 import tempfile
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -23,3 +31,40 @@ from absl import flags  # noqa: E402
 # Grain's multi-worker loader reads absl flags; pytest does not run absl.app.run.
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """A GCS JSON API on localhost (`gcp-storage-emulator` through gcs_emulator.py) with one
+  bucket, its endpoints set in the environment; yields `.bucket` and `.env`."""
+  from process_helpers import free_port  # noqa: PLC0415
+  bucket = "t2v2t-test"
+  port = free_port()
+  log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
+  proc = subprocess.Popen(
+      [sys.executable, str(Path(__file__).parent / "gcs_emulator.py"), "start", "--host", "127.0.0.1",
+       "--port", str(port), "--default-bucket", bucket, "--in-memory", "--quiet"],
+      stdout=log, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2)
+      break
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f"the GCS emulator did not start (see {log.name})")
+      time.sleep(0.3)
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token"}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield types.SimpleNamespace(bucket=bucket, env=env)
+  for k, v in old.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  proc.kill()
+  proc.wait()
+  log.close()

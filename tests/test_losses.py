@@ -178,3 +178,26 @@ def test_mlm_loss_matches_numpy_and_handles_no_masks():
   loss0, grad0 = jax.value_and_grad(lambda x: losses.mlm_loss(x, none)[0])(jnp.asarray(logits))
   assert float(loss0) == 0.0
   assert np.all(np.isfinite(np.asarray(grad0))) and not np.any(np.asarray(grad0))
+
+
+def test_mlm_loss_in_groups_is_the_mean_of_each_groups_mean():
+  # VindLU: each GPU's mean over its own masked positions, averaged over the GPUs. Rows 0-1
+  # are one group (three masked positions), rows 2-3 the other (one), row 4-5 a third with
+  # none (counted as 0).
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(6, 4, 9)).astype(np.float32)
+  labels = np.full((6, 4), -100)
+  labels[0, 1], labels[0, 2], labels[1, 3], labels[3, 0] = 5, 1, 8, 2
+  logp = _log_softmax_np(logits.astype(np.float64))
+  ce = {(b, l): -logp[b, l, labels[b, l]] for b, l in [(0, 1), (0, 2), (1, 3), (3, 0)]}
+  first = np.mean([ce[0, 1], ce[0, 2], ce[1, 3]])
+  expected = (first + ce[3, 0] + 0.0) / 3
+  loss, aux = losses.mlm_loss(jnp.asarray(logits), jnp.asarray(labels), groups=3)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  assert int(aux["mlm_num_masked"]) == 4
+  # One group is the batch mean, which differs here.
+  whole, _ = losses.mlm_loss(jnp.asarray(logits), jnp.asarray(labels))
+  np.testing.assert_allclose(float(whole), np.mean(list(ce.values())), rtol=1e-5)
+  assert abs(float(whole) - expected) > 1e-3
+  with pytest.raises(ValueError, match="does not split"):
+    losses.mlm_loss(jnp.asarray(logits), jnp.asarray(labels), groups=4)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pipeline_helpers import take_batches
+from process_helpers import free_port, restore_numpy
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -90,12 +90,6 @@ def test_process_shards_concatenate_to_the_global_batch_and_cover_the_epoch(data
 # ------------------------------------------------------------------ two processes vs one
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _env(num_devices: int) -> dict:
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
@@ -117,7 +111,7 @@ def _flags(data_root, workdir, mode) -> list[str]:
 
 
 def _multihost_commands(data_root, workdir, mode, extra=()) -> list[list[str]]:
-  port = _free_port()
+  port = free_port()
   return [[sys.executable, str(WORKER), *_flags(data_root, workdir, mode),
            "--config.multihost.enabled=True",
            f"--config.multihost.coordinator_address=127.0.0.1:{port}",
@@ -161,18 +155,6 @@ def _metrics_by_step(workdir: Path) -> dict:
   return {r["step"]: r for r in train}
 
 
-def _restore_numpy(step_dir: Path) -> dict:
-  """A checkpoint's train state as numpy arrays (no devices needed), keyed by path."""
-  import jax  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  checkpointer = ocp.StandardCheckpointer()
-  meta = checkpointer.metadata(step_dir / "state").item_metadata
-  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta.tree)
-  state = checkpointer.restore(step_dir / "state", target)
-  flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
-
-
 # ~4.5 CPU-minutes (three trainings' compiles: the reference, then both processes twice),
 # so about 2.5 min on two idle cores.
 @pytest.mark.slow
@@ -214,14 +196,14 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_root, tmp_path):
                                  atol=1e-5, err_msg=f"{key} at step {step}")
 
   # Final train state: parameters, optimizer state and step.
-  ref_state = _restore_numpy(single / "checkpoints" / str(STEPS))
-  mh_state = _restore_numpy(multi / "checkpoints" / str(STEPS))
+  ref_state = restore_numpy(single / "checkpoints" / str(STEPS))
+  mh_state = restore_numpy(multi / "checkpoints" / str(STEPS))
   assert ref_state.keys() == mh_state.keys()
   assert int(mh_state["['step']"]) == STEPS
   for key, value in ref_state.items():
     np.testing.assert_allclose(mh_state[key], value, rtol=0, atol=1e-5, err_msg=key)
   # ... and training moved the parameters (the comparison is not between two inits).
-  init = _restore_numpy(multi / "checkpoints" / str(CHECKPOINT_AT))
+  init = restore_numpy(multi / "checkpoints" / str(CHECKPOINT_AT))
   assert any(not np.array_equal(init[k], v) for k, v in mh_state.items() if "params" in k)
 
   # Retrieval results, written once, are the same.
@@ -241,3 +223,13 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_root, tmp_path):
       assert abs(mh_eval["synthetic_test"][key] - value) <= one_rank[kind[0]] + 1e-6, key
     else:   # counts, settings, the broken-video list
       assert mh_eval["synthetic_test"][key] == value, key
+
+  # Phase 3: --mode eval on both processes with the rerank's video tokens re-encoded
+  # instead of cached ('recompute', each process reading its share again): the same
+  # parameters and processes as phase 2's disk cache, so the same results.
+  third = _multihost_commands(data_root, multi, "eval",
+                              extra=["--config.eval.token_cache=recompute"])
+  out = _run([(cmd, _env(2)) for cmd in third], tmp_path, "phase3")
+  assert f"Evaluating {multi}/checkpoints/{STEPS}" in out[0]
+  recomputed = json.loads((multi / "eval" / f"{STEPS}.json").read_text())
+  assert recomputed == mh_eval

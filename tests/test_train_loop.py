@@ -52,7 +52,10 @@ def test_recipe_loads_with_paper_numbers(name):
 # replaced by the synthetic set), except for fields that cannot change a 2-step run.
 SAME_TINY_RUN = {
     "webvid_cc3m_pretrain": ("webvid_pretrain", set()),
-    "didemo_ft": ("msrvtt_ft", {"optimizer.epochs"}),  # total_steps=2 fixes the schedule
+    # total_steps=2 fixes the schedule; VindLU's 1 GPU (VTC weight 1, not 1/4:
+    # tests/test_vindlu_protocol.py) and the best epoch by val (didemo_ft.py:tiny trains
+    # three epochs in tests/test_best_checkpoint.py).
+    "didemo_ft": ("msrvtt_ft", {"optimizer.epochs", "vindlu_world_size", "best_key"}),
 }
 # Every distinct tiny run trains, and every fusion mode is covered by one of them.
 TRAINED = [("webvid_pretrain", "v2t"), ("msrvtt_ft", "t2v2t"), ("anet_ft", "joint"),
@@ -119,11 +122,29 @@ def test_misspelt_override_fails_listing_valid_fields(tmp_path):
 
 def test_missing_annotation_file_fails_before_compiling(tmp_path):
   proc = run_main("--config", "configs/msrvtt_ft.py", "--workdir", str(tmp_path),
-                  f"--config.data_root={tmp_path}/nowhere")
+                  f"--config.data_root={tmp_path}/nowhere", "--config.allow_random_init=True")
   assert proc.returncode != 0
   assert f"{tmp_path}/nowhere/anno/msrvtt_ret_train9k.json" in proc.stderr
   assert "docs/data.md" in proc.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_finetuning_without_weights_refuses_at_once(tmp_path):
+  """A fine-tuning recipe with neither init_from nor pretrained weights would fine-tune
+  random BEiT and BERT weights for hours: one line, before any data check or compile."""
+  for recipe in ("msrvtt_ft", "didemo_ft", "anet_ft"):
+    t = time.time()
+    proc = run_main("--config", f"configs/{recipe}.py", "--workdir", str(tmp_path / recipe),
+                    f"--config.data_root={tmp_path}/nowhere")
+    elapsed = time.time() - t
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FATAL: "), proc.stderr
+    for way in ("--config.init_from=", "--config.pretrained.beit=", "--config.allow_random_init=True"):
+      assert way in lines[0]
+    assert "nowhere" not in proc.stderr  # refused before the data was looked at
+    assert elapsed < 60, elapsed  # no compile, no data (about 4 s on an idle machine)
+    assert not os.path.exists(tmp_path / recipe / "checkpoints")
 
 
 def _final_params(workdir):
@@ -231,3 +252,43 @@ def test_resuming_with_changed_settings_names_them(tmp_path, capsys):
   out = capsys.readouterr().out
   assert f"model.fusion.mode ('t2v2t' -> 'v2t'), optimizer.lr ({old_lr!r} -> 0.125)" in out
   assert str(tmp_path) in out and "--workdir" in out
+
+
+def test_a_paper_size_model_on_the_cpu_is_warned_about():
+  """`pip install -e .` gives the CPU jaxlib: a paper recipe must not train on it silently."""
+  import jax  # noqa: PLC0415
+  from configs import demo, msrvtt_ft  # noqa: PLC0415
+  from t2v2t_jax.sharding import make_mesh  # noqa: PLC0415
+  from t2v2t_jax.training import train  # noqa: PLC0415
+  assert jax.default_backend() == "cpu"
+  warning = train.cpu_warning(msrvtt_ft.get_config())
+  assert warning and "paper-size model" in warning and '.[cuda]' in warning
+  assert train.cpu_warning(msrvtt_ft.get_config("tiny")) is None
+  assert train.cpu_warning(demo.get_config()) is None
+  line = train.where_it_runs(make_mesh(msrvtt_ft.get_config("tiny").mesh))
+  assert line.startswith(f"Running on {jax.device_count()} x cpu (cpu), mesh data=")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=-0.5", "optimizer.lr=-0.5 is out of range: the peak learning rate must be a finite number in (0, inf]"),
+    ("optimizer.lr=nan", "optimizer.lr=nan is out of range"),
+    ("optimizer.grad_accum_steps=-2", "optimizer.grad_accum_steps=-2 must be an integer >= 1"),
+    ("eval.num_frames=0", "eval.num_frames=0 must be an integer >= 1"),
+    ("model.temp_min=0.9", "model.temp_min=0.9 <= model.temp_init=0.07 <= model.temp_max=0.5 must hold"),
+    ("optimizer.warmup_epochs=1000", "optimizer.warmup_epochs=1000.0 must not exceed optimizer.epochs"),
+    ("optimizer.b2=1.5", "optimizer.b2=1.5 is out of range: Adam's second-moment decay must be a finite number in [0, 1)"),
+    ("batch_size=5", "batch_size=5 must be a multiple of the 2 devices"),
+])
+def test_nonsense_settings_are_refused_before_compiling(tmp_path, override, message):
+  """Each numeric setting in one line, with its valid range, before any compile or data."""
+  t = time.time()
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--config",
+                         "configs/msrvtt_ft.py:tiny", "--workdir", str(tmp_path / "run"),
+                         f"--config.data_root={tmp_path}/data", f"--config.{override}"],
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("FATAL: ") and message in lines[0], proc.stderr
+  assert time.time() - t < 60
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -1,8 +1,12 @@
 """Import Hugging Face BEiT weights into `t2v2t_jax.models.vision_encoder.VideoEncoder`.
 
 Source: a folder with `config.json` and `model.safetensors` (or sharded safetensors with
-an index, or `pytorch_model.bin`), a single weights file, or a hub name such as
-`microsoft/beit-base-patch16-224-pt22k-ft22k` (downloaded with `huggingface_hub`).
+an index, or `flax_model.msgpack`, or `pytorch_model.bin`), a single weights file, a
+`gs://...` URL of either, or a hub name such as
+`microsoft/beit-base-patch16-224-pt22k-ft22k` (downloaded with `huggingface_hub`; that
+one serves no safetensors, so its `flax_model.msgpack` is read), all without torch
+(`hf_files.py`). `beit_values` checks everything and returns the values without writing
+(what a training run does before it builds its model); `load_beit_into` writes them.
 
 Every source key must be either mapped to one of our parameters or listed as dropped
 (`DROPPED_KEY_PATTERNS`); anything else is an error that names the key. Every parameter
@@ -47,7 +51,7 @@ from t2v2t_jax.checkpoints.hf_files import read_hf_checkpoint
 from t2v2t_jax.checkpoints.import_report import ImportReport
 from t2v2t_jax.checkpoints.key_mapping import (KeyMapping, apply_transform, infer_square_grid,
                                                layer_norm, linear)
-from t2v2t_jax.checkpoints.params import assign_into, param_shapes
+from t2v2t_jax.checkpoints.params import ParamAssignError, assign_into, param_shapes
 
 # ----------------------------------------------------------------------------------------
 # Key map (the VindLU importer reuses it with prefixes).
@@ -223,13 +227,14 @@ def _dropped_reason(key: str, prefix: str) -> str | None:
   return None
 
 
-def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
+def load_beit_into(encoder, folder_or_name, *, prefix: str | None = None,
                    src_grid: int | Sequence[int] | None = None) -> ImportReport:
   """Load a Hugging Face BEiT checkpoint into `encoder` (a `VideoEncoder`), in place.
 
   Args:
     encoder: the VideoEncoder to fill.
-    folder_or_name: folder, weights file or hub name (see `read_hf_checkpoint`).
+    folder_or_name: folder, weights file or hub name (see `read_hf_checkpoint`), or what
+      `read_hf_checkpoint` returned for one.
     prefix: the source keys' backbone prefix; None detects `'beit.'` (task models) or `''`
       (`BeitModel`).
     src_grid: patch grid the relative position tables were trained at; default from
@@ -240,7 +245,20 @@ def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
     key, every missing source key, or an architecture mismatch; parameter shape problems
     raise `params.ParamAssignError`. Nothing is written unless all checks pass.
   """
+  updates, names, report = beit_values(encoder, folder_or_name, prefix=prefix,
+                                       src_grid=src_grid)
+  assign_into(encoder, updates, source=report.source, source_names=names)
+  return report
+
+
+def beit_values(encoder, folder_or_name, *, prefix: str | None = None,
+                src_grid: int | Sequence[int] | None = None
+                ) -> tuple[dict, dict[str, str], ImportReport]:
+  """Everything `load_beit_into` checks, without writing: `({our path below the encoder:
+  array}, {our path: source key}, report)`. `encoder` may be abstract (`nnx.eval_shape`:
+  only its attributes and parameter shapes are read). Raises as `load_beit_into` does."""
   config, tensors, source = read_hf_checkpoint(folder_or_name)
+  tensors = dict(tensors)  # renamed below; the caller's dict stays as it was
   report = ImportReport(kind="BEiT", source=source)
 
   if prefix is None:
@@ -315,7 +333,11 @@ def load_beit_into(encoder, folder_or_name: str, *, prefix: str | None = None,
     updates[m.target] = value
     names[m.target] = name(m.source)
     report.loaded.append((name(m.source), m.target))
-  assign_into(encoder, updates, source=source, source_names=names)
+  wrong = [f"shape mismatch for {m!r} (from source key {names[m]!r}): the model expects "
+           f"{shapes[m]}, got {tuple(v.shape)}" for m, v in updates.items()
+           if tuple(v.shape) != tuple(shapes[m])]
+  if wrong:  # as `params.assign` words it, but before anything is written
+    raise ParamAssignError(f"cannot assign the parameters of {source}:\n  " + "\n  ".join(wrong))
   report.dropped = dropped
   report.new = sorted(p for p in shapes if p not in updates)
-  return report
+  return updates, names, report

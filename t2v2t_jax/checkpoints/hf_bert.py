@@ -14,6 +14,11 @@ The mapping is a table of `KeyMapping(source, target, transform, group)` rows
 `encoder.layer.{i}.*`) or to the MLM head (`cls.predictions.*`); `target` is relative to
 the T2V2T model (`text_encoder.*`, `fusion_encoder.*`), so a VindLU importer can prepend
 its own source prefixes (`text_encoder.bert.`, `text_encoder.`) and reuse the rows.
+
+The weights are read without torch (`hf_files.py`: safetensors, else `flax_model.msgpack`
+renamed to these PyTorch keys, else `pytorch_model.bin`), also from `gs://...`.
+`bert_values` checks everything and returns the values without writing (what a training
+run does before it builds its model); `load_bert_into` writes them.
 """
 
 from __future__ import annotations
@@ -114,9 +119,10 @@ def bert_rules(num_text_layers: int, num_fusion_layers: int, *,
 
 # -- reading a Hugging Face folder -----------------------------------------------------------
 
-def read_hf_bert(folder_or_name: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json as a dict, {source key: numpy array}) from a folder or a hub name
-  (`hf_files.read_hf_checkpoint`; a BERT import needs the config)."""
+def read_hf_bert(folder_or_name) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json as a dict, {source key: numpy array}) from a folder or a hub name, or
+  from what `hf_files.read_hf_checkpoint` returned for one (a BERT import needs the
+  config)."""
   hf_config, state, weights = read_hf_checkpoint(folder_or_name)
   if hf_config is None:
     raise FileNotFoundError(f"no config.json beside {weights}")
@@ -206,7 +212,7 @@ def _check_structure(hf_text: dict, text_encoder, fusion_encoder) -> list[str]:
   return problems
 
 
-def load_bert_into(text_encoder, fusion_encoder, folder_or_name: str) -> ImportReport:
+def load_bert_into(text_encoder, fusion_encoder, folder_or_name) -> ImportReport:
   """Load Hugging Face BERT weights in place; returns an ImportReport.
 
   Args:
@@ -214,13 +220,26 @@ def load_bert_into(text_encoder, fusion_encoder, folder_or_name: str) -> ImportR
     fusion_encoder: a FusionEncoder (gets layers fusion_layer.. self-attention and FFN),
       or None to import the text encoder only (the remaining source layers are then
       dropped and listed).
-    folder_or_name: a local folder (config.json + model.safetensors or pytorch_model.bin)
-      or a Hugging Face hub name.
+    folder_or_name: a folder (config.json + model.safetensors, flax_model.msgpack or
+      pytorch_model.bin; local or gs://), a Hugging Face hub name, or what
+      `hf_files.read_hf_checkpoint` returned for one.
 
   Raises:
     BertImportError naming every unexpected source key, every missing one, every
     shape or structure mismatch; nothing is written unless all checks pass.
   """
+  modules = {TEXT: text_encoder, FUSION: fusion_encoder}
+  updates, loaded, report = bert_values(text_encoder, fusion_encoder, folder_or_name)
+  _assign(modules, updates, loaded, report.source)
+  return report
+
+
+def bert_values(text_encoder, fusion_encoder, folder_or_name
+                ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str], ImportReport]:
+  """Everything `load_bert_into` checks, without writing: `({'text_encoder' /
+  'fusion_encoder': {path below it: array}}, {our full path: source key}, report)`. The
+  encoders may be abstract (`nnx.eval_shape`: only attributes and parameter shapes are
+  read). Raises as `load_bert_into` does."""
   hf_config, raw_state = read_hf_bert(folder_or_name)
   state = normalize_source_keys(raw_state)
   hf_text = text_config_from_hf(hf_config, None)
@@ -232,11 +251,12 @@ def load_bert_into(text_encoder, fusion_encoder, folder_or_name: str) -> ImportR
   num_fusion = len(fusion_encoder.layers) if fusion_encoder is not None else 0
   has_mlm = any(k.startswith("cls.predictions.") for k in state)
   rules = bert_rules(num_text, num_fusion, cross_attention=fusion_encoder is not None, mlm=has_mlm)
-  return import_with_rules({TEXT: text_encoder, FUSION: fusion_encoder}, state, rules,
-                           source=str(folder_or_name), dropped_prefixes=DROPPED_PREFIXES,
-                           tied_keys=TIED_KEYS, expected_new=lambda p: _expected_new(p, has_mlm),
-                           extra_dropped=_surplus_layers(state, num_text + num_fusion)
-                           if fusion_encoder is None else {})
+  source = folder_or_name[2] if isinstance(folder_or_name, tuple) else str(folder_or_name)
+  return plan_with_rules({TEXT: text_encoder, FUSION: fusion_encoder}, state, rules,
+                         source=source, dropped_prefixes=DROPPED_PREFIXES,
+                         tied_keys=TIED_KEYS, expected_new=lambda p: _expected_new(p, has_mlm),
+                         extra_dropped=_surplus_layers(state, num_text + num_fusion)
+                         if fusion_encoder is None else {})
 
 
 def _surplus_layers(state: Mapping[str, np.ndarray], num_layers: int) -> dict[str, str]:
@@ -257,6 +277,26 @@ def import_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndar
   An optional rule group (anything but 'required') is loaded all-or-nothing: if any of
   its source keys exists, all must. Every check runs before the first write.
   """
+  updates, loaded, report = plan_with_rules(
+      modules, state, rules, source=source, dropped_prefixes=dropped_prefixes,
+      tied_keys=tied_keys, expected_new=expected_new, extra_dropped=extra_dropped)
+  _assign(modules, updates, loaded, source)
+  return report
+
+
+def _assign(modules, updates, loaded, source) -> None:
+  for owner, updates_for_owner in updates.items():
+    names = {p: loaded[f"{owner}.{p}"] for p in updates_for_owner}
+    assign_into(modules[owner], updates_for_owner, source=source, source_names=names)
+
+
+def plan_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndarray],
+                    rules: list[KeyMapping], *, source: str, dropped_prefixes: Mapping[str, str],
+                    tied_keys: Mapping[str, str], expected_new: Callable[[str], bool],
+                    extra_dropped: Mapping[str, str] | None = None
+                    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str], ImportReport]:
+  """`import_with_rules` up to the first write: `({owner: {path: array}}, {our full path:
+  source key}, report)`, every check done (the modules may be abstract)."""
   problems: list[str] = []
   consumed: set[str] = set()
   updates: dict[str, dict[str, np.ndarray]] = {owner: {} for owner, m in modules.items() if m is not None}
@@ -317,8 +357,6 @@ def import_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndar
 
   if problems:
     raise BertImportError(f"cannot import {source}:\n  " + "\n  ".join(problems))
-  for owner, updates_for_owner in updates.items():
-    names = {p: loaded[f"{owner}.{p}"] for p in updates_for_owner}
-    assign_into(modules[owner], updates_for_owner, source=source, source_names=names)
-  return ImportReport(kind="BERT", source=source, loaded=[(s, t) for t, s in loaded.items()],
-                      new=new, dropped=dropped, tied=tied)
+  return updates, loaded, ImportReport(kind="BERT", source=source,
+                                       loaded=[(s, t) for t, s in loaded.items()],
+                                       new=new, dropped=dropped, tied=tied)

@@ -37,10 +37,16 @@ and `torch.load(weights_only=True)` rejects VindLU checkpoints (their config is 
 4. The result is walked without recursion to at most `MAX_NESTING` levels, and the EasyDict
    stand-ins become plain dicts.
 
-Tensors come back as CPU torch tensors viewing the records' bytes (tied weights share
-their storage, as with `torch.load`). torch is imported lazily.
+Tensors come back, as the caller asks, as numpy arrays (`tensors="numpy"`: bfloat16 and
+float8 as `ml_dtypes` types, a Parameter as its array, `torch.Size` as a tuple,
+`torch.device` as its name; torch is never imported, so weights load where torch is not
+installed) or as CPU torch tensors (`tensors="torch"`, the default: torch is imported
+lazily). Either way they view the records' bytes (tied weights share their storage, as
+with `torch.load`). The checks above are the same for both: only the objects that the
+tensor constructors at the end of the chain build differ (`_NumpyTensors`,
+`_TorchTensors`). A path may be a `gs://...` URL (read through `etils.epath`).
 
-Why one module of about 650 lines: it is one security boundary. The archive checks, the
+Why one module of about 850 lines: it is one security boundary. The archive checks, the
 opcode table, the allow-list of globals and the constructors it may call decide together
 what a hostile file can do, and a review of the boundary has to see all of them at once
 (benchmarks/crafted_checkpoints.py attacks it as a whole); split, a part of the allow-list
@@ -57,6 +63,8 @@ import pickle
 import re
 import zipfile
 from typing import Any
+
+import numpy as np
 
 # Sizes, in bytes (see step 2 of the module docstring). A torch.save file stores its
 # records uncompressed, so its records add up to less than the file; a re-zipped one may
@@ -138,8 +146,12 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 
 def _quote(value) -> str:
-  """`repr` of something the file chose, cut short (a message must stay one short line)."""
-  text = repr(value)
+  """`repr` of something the file chose, cut short (a message must stay one short line).
+  A numpy array is shown as the tensor it is in the file (the same words either way)."""
+  if isinstance(value, np.ndarray):
+    text = f"tensor({np.array2string(value, separator=', ', threshold=8)})"
+  else:
+    text = repr(value)
   return text if len(text) <= _QUOTE else text[:_QUOTE] + "...'"
 
 
@@ -177,26 +189,215 @@ class _Storage:
 
 
 # ----------------------------------------------------------------------------------------
+# What tensors become: numpy arrays (no torch) or torch tensors.
+# ----------------------------------------------------------------------------------------
+
+# torch's dtype aliases, and the canonical name torch prints for each.
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "double": "float64", "long": "int64",
+                  "int": "int32", "short": "int16", "cfloat": "complex64",
+                  "cdouble": "complex128"}
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+  if name == "bfloat16" or name.startswith("float8_"):
+    import ml_dtypes  # noqa: PLC0415 (a dependency of JAX: always there)
+    return np.dtype(getattr(ml_dtypes, name))
+  return np.dtype(name)
+
+
+class _DType:
+  """A torch dtype named by the file, without torch: inert and immutable; printed as torch
+  prints it (`torch.float16`), so that messages read the same for both kinds of tensors."""
+  __slots__ = ("name", "numpy")
+
+  def __init__(self, name: str):
+    name = _DTYPE_ALIASES.get(name, name)
+    object.__setattr__(self, "name", name)
+    object.__setattr__(self, "numpy", _numpy_dtype(name))
+
+  def __setattr__(self, key, value):
+    raise UnsafeCheckpointError(f"the pickle tried to set {key!r} on {self}")
+
+  def __eq__(self, other):
+    return isinstance(other, _DType) and other.name == self.name
+
+  def __hash__(self):
+    return hash(self.name)
+
+  def __repr__(self):
+    return f"torch.{self.name}"
+
+  __str__ = __repr__
+
+
+class _NumpyTensors:
+  """Tensors as numpy arrays viewing the records' bytes; torch is never imported."""
+
+  @staticmethod
+  def dtype(name: str):
+    try:
+      return _DType(name)
+    except (TypeError, AttributeError):
+      raise UnsafeCheckpointError(f"torch.{name} has no numpy equivalent") from None
+
+  @staticmethod
+  def is_dtype(value) -> bool:
+    return isinstance(value, _DType)
+
+  @staticmethod
+  def itemsize(dtype) -> int:
+    return dtype.numpy.itemsize
+
+  @staticmethod
+  def storage(buf: bytearray, dtype):
+    return np.frombuffer(buf, dtype=dtype.numpy)
+
+  @staticmethod
+  def same_dtype(data, dtype) -> bool:
+    return data.dtype == dtype.numpy
+
+  @staticmethod
+  def reinterpret(data, dtype):
+    return data.view(dtype.numpy)
+
+  @staticmethod
+  def numel(data) -> int:
+    return data.size
+
+  @staticmethod
+  def element_size(data) -> int:
+    return data.itemsize
+
+  @staticmethod
+  def strided(data, size, stride, offset):
+    # Bounds were checked by the caller: the view lies inside `data`.
+    return np.lib.stride_tricks.as_strided(
+        data[offset:], shape=size, strides=tuple(s * data.itemsize for s in stride))
+
+  @staticmethod
+  def is_size(value) -> bool:
+    return False  # `_size` gives a plain tuple
+
+  @staticmethod
+  def is_tensor(value) -> bool:
+    return isinstance(value, np.ndarray)
+
+  @staticmethod
+  def parameter(data, requires_grad):
+    return data  # numpy has no parameters: the array is the weight
+
+  @staticmethod
+  def size(values: tuple):
+    return values
+
+  @staticmethod
+  def device(kind: str, index):
+    return kind if index is None else f"{kind}:{index}"
+
+
+class _TorchTensors:
+  """Tensors as CPU torch tensors viewing the records' bytes (torch imported here only)."""
+
+  def __init__(self):
+    import torch  # noqa: PLC0415 (only when torch tensors are asked for)
+    self.torch = torch
+
+  def dtype(self, name: str):
+    dtype = getattr(self.torch, name, None)
+    if not isinstance(dtype, self.torch.dtype):
+      raise UnsafeCheckpointError(f"torch.{name} is not a dtype of this torch version")
+    return dtype
+
+  def is_dtype(self, value) -> bool:
+    return isinstance(value, self.torch.dtype)
+
+  def itemsize(self, dtype) -> int:
+    return self.torch.empty((), dtype=dtype).element_size()
+
+  def storage(self, buf: bytearray, dtype):
+    if not buf:
+      return self.torch.empty(0, dtype=dtype)
+    return self.torch.frombuffer(buf, dtype=dtype)
+
+  @staticmethod
+  def same_dtype(data, dtype) -> bool:
+    return data.dtype == dtype
+
+  def reinterpret(self, data, dtype):
+    return data.view(dtype) if data.numel() else self.torch.empty(0, dtype=dtype)
+
+  @staticmethod
+  def numel(data) -> int:
+    return data.numel()
+
+  @staticmethod
+  def element_size(data) -> int:
+    return data.element_size()
+
+  @staticmethod
+  def strided(data, size, stride, offset):
+    return data.as_strided(size, stride, offset)
+
+  def is_size(self, value) -> bool:
+    return isinstance(value, self.torch.Size)
+
+  def is_tensor(self, value) -> bool:
+    return isinstance(value, self.torch.Tensor)
+
+  def parameter(self, data, requires_grad):
+    return self.torch.nn.Parameter(data, requires_grad=requires_grad)
+
+  def size(self, values: tuple):
+    return self.torch.Size(values)
+
+  def device(self, kind: str, index):
+    return self.torch.device(kind) if index is None else self.torch.device(kind, index)
+
+
+# ----------------------------------------------------------------------------------------
 # The archive.
 # ----------------------------------------------------------------------------------------
+
+def _is_url(path: str) -> bool:
+  return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 class _Archive:
   """A torch.save zip, checked as step 2 of the module docstring describes."""
 
   def __init__(self, path: str):
-    with open(path, "rb") as f:
-      head = f.read(len(ZIP_MAGIC))
-    if head != ZIP_MAGIC:
-      raise UnsafeCheckpointError(
-          "not a zip-format torch.save file (no zip header at byte 0: torch would read it "
-          "with its legacy pre-1.6 pickle/tar loader, which this loader does not run; "
-          "re-save it with torch >= 1.6)")
-    self.size = os.path.getsize(path)
-    self.zip = zipfile.ZipFile(path)
+    # A URL (gs://...) is read through etils.epath as a seekable file; a local path as
+    # before, by name.
+    self.file = None
+    if _is_url(path):
+      from etils import epath  # noqa: PLC0415
+      self.file = epath.Path(path).open("rb")
+      source = self.file
+    else:
+      source = path
+    try:
+      if self.file is not None:
+        head = self.file.read(len(ZIP_MAGIC))
+        self.file.seek(0, io.SEEK_END)
+        self.size = self.file.tell()
+        self.file.seek(0)
+      else:
+        with open(path, "rb") as f:
+          head = f.read(len(ZIP_MAGIC))
+        self.size = os.path.getsize(path)
+      if head != ZIP_MAGIC:
+        raise UnsafeCheckpointError(
+            "not a zip-format torch.save file (no zip header at byte 0: torch would read it "
+            "with its legacy pre-1.6 pickle/tar loader, which this loader does not run; "
+            "re-save it with torch >= 1.6)")
+      self.zip = zipfile.ZipFile(source)
+    except BaseException:
+      if self.file is not None:
+        self.file.close()
+      raise
     try:
       self._check()
     except BaseException:
-      self.zip.close()
+      self.close()
       raise
 
   def _check(self) -> None:
@@ -267,6 +468,8 @@ class _Archive:
 
   def close(self):
     self.zip.close()
+    if self.file is not None:
+      self.file.close()
 
 
 # ----------------------------------------------------------------------------------------
@@ -300,9 +503,10 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
 
   dispatch = dict(pickle._Unpickler.dispatch)
 
-  def __init__(self, data: bytes, archive: _Archive):
+  def __init__(self, data: bytes, archive: _Archive, tensors):
     super().__init__(io.BytesIO(data), encoding="utf-8")
     self.archive = archive
+    self.tensors = tensors  # _NumpyTensors or _TorchTensors
     self.storages: dict[str, _Storage] = {}
     self.storage_bytes = 0
     self.view_bytes = 0
@@ -319,12 +523,8 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
           "storage type, torch dtype or plain container (the checkpoint would have called or "
           "instantiated it; nothing was executed)", full)
     kind, what = entry
-    if kind == "dtype":  # torch dtypes are immutable; BUILD and REDUCE refuse them anyway
-      import torch
-      dtype = getattr(torch, what, None)
-      if not isinstance(dtype, torch.dtype):
-        raise UnsafeCheckpointError(f"torch.{what} is not a dtype of this torch version")
-      return dtype
+    if kind == "dtype":  # dtypes are immutable; BUILD and REDUCE refuse them anyway
+      return self.tensors.dtype(what)
     return _Token(f"{module}.{name}", kind, what)
 
   # -- calls ------------------------------------------------------------------------------
@@ -403,8 +603,7 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
     if not isinstance(location, (str, bytes)):
       raise UnsafeCheckpointError(f"storage location {_quote(location)} is not a device name")
     numel = _check_int(numel, f"element count of storage {key!r}")
-    import torch
-    dtype = getattr(torch, token.what)
+    dtype = self.tensors.dtype(token.what)
     if key in self.storages:
       storage = self.storages[key]
       if storage.dtype != dtype or storage.numel != numel:
@@ -414,14 +613,14 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
     record = f"data/{key}"
     if record not in self.archive.infos:
       raise UnsafeCheckpointError(f"storage {key!r} has no record {record!r}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = self.tensors.itemsize(dtype)
     size = self.archive.infos[record].file_size
     if numel * itemsize != size:
       raise UnsafeCheckpointError(f"storage {key!r} claims {numel:,} x {dtype} "
                                   f"({numel * itemsize:,} bytes) but its record holds "
                                   f"{size:,} bytes")
     buf = self.archive.read(record)
-    data = torch.frombuffer(buf, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+    data = self.tensors.storage(buf, dtype)
     storage = _Storage(key, dtype, numel, data)
     self.storages[key] = storage
     self.storage_bytes += size
@@ -433,8 +632,8 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
     if not isinstance(storage, _Storage):
       raise UnsafeCheckpointError(f"tensor storage {_quote(storage)} is not a storage of "
                                   "this file")
-    import torch
-    if isinstance(size, torch.Size):
+    tensors = self.tensors
+    if tensors.is_size(size):
       size = tuple(size)
     size = _check_shape(size, f"size of a tensor on storage {storage.key!r}")
     stride = _check_shape(stride, f"stride of a tensor on storage {storage.key!r}")
@@ -443,13 +642,14 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
       raise UnsafeCheckpointError(f"tensor on storage {storage.key!r}: size {size} and "
                                   f"stride {stride} differ in length")
     data = storage.data
-    if dtype is not None and dtype != data.dtype:
-      itemsize = torch.empty((), dtype=dtype).element_size()
-      if data.numel() % itemsize:
-        raise UnsafeCheckpointError(f"storage {storage.key!r} of {data.numel()} bytes is not "
+    if dtype is not None and not tensors.same_dtype(data, dtype):
+      itemsize = tensors.itemsize(dtype)
+      nbytes = tensors.numel(data) * tensors.element_size(data)
+      if nbytes % itemsize:
+        raise UnsafeCheckpointError(f"storage {storage.key!r} of {nbytes} bytes is not "
                                     f"a whole number of {dtype}")
-      data = data.view(dtype) if data.numel() else torch.empty(0, dtype=dtype)
-    available = data.numel()
+      data = tensors.reinterpret(data, dtype)
+    available = tensors.numel(data)
     numel = math.prod(size)
     described = f"tensor of size {size}, stride {stride}, offset {offset}"
     if numel > available:
@@ -462,12 +662,12 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
     if offset > available:
       raise UnsafeCheckpointError(f"{described} starts past the end of its storage "
                                   f"{storage.key!r} ({available:,} elements)")
-    self.view_bytes += numel * data.element_size()
+    self.view_bytes += numel * tensors.element_size(data)
     if self.view_bytes > MAX_VIEW_RATIO * self.storage_bytes + EXPANSION_SLACK:
       raise UnsafeCheckpointError(
           f"its tensors view {self.view_bytes:,} bytes of {self.storage_bytes:,} bytes of "
           f"storage (more than {MAX_VIEW_RATIO} x: the same data viewed over and over)")
-    return data.as_strided(size, stride, offset)
+    return tensors.strided(data, size, stride, offset)
 
   def _rebuild_tensor(self, storage, offset, size, stride):
     return self._view(storage, offset, size, stride)
@@ -482,16 +682,14 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
                          metadata=None):
     _check_empty(hooks, "backward hooks")
     _check_empty(metadata, "tensor metadata")
-    import torch
-    if not isinstance(dtype, torch.dtype):
+    if not self.tensors.is_dtype(dtype):
       raise UnsafeCheckpointError(f"tensor dtype {_quote(dtype)} is not a torch dtype")
     return self._view(storage, offset, size, stride, dtype)
 
   def _parameter(self, data, requires_grad):
-    import torch
-    if not isinstance(data, torch.Tensor) or type(requires_grad) is not bool:
+    if not self.tensors.is_tensor(data) or type(requires_grad) is not bool:
       raise UnsafeCheckpointError(f"Parameter of {_quote(data)}, {_quote(requires_grad)}")
-    return torch.nn.Parameter(data, requires_grad=requires_grad)
+    return self.tensors.parameter(data, requires_grad)
 
   def _rebuild_parameter(self, data, requires_grad, hooks):
     _check_empty(hooks, "backward hooks")
@@ -503,7 +701,6 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
     return self._parameter(data, requires_grad)
 
   def _rebuild_from_type_v2(self, func, new_type, args, state):
-    import torch
     _check_empty(state, "tensor attributes")
     if not (isinstance(func, _Token) and func.what in _TENSOR_REBUILDS):
       raise UnsafeCheckpointError(f"_rebuild_from_type_v2 of {_quote(func)} (only tensor "
@@ -513,7 +710,7 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
                                   "Tensor and Parameter)")
     tensor = self._call(func, args)
     if new_type.what == "Parameter":
-      return torch.nn.Parameter(tensor, requires_grad=tensor.requires_grad)
+      return self.tensors.parameter(tensor, getattr(tensor, "requires_grad", False))
     return tensor
 
   # -- small constructors -----------------------------------------------------------------
@@ -555,15 +752,13 @@ class _Unpickler(pickle._Unpickler):  # the Python machine: its opcode table can
     return slice(*args)
 
   def _size(self, values=()):
-    import torch
-    return torch.Size(_check_shape(tuple(values) if isinstance(values, list) else values,
-                                   "torch.Size"))
+    return self.tensors.size(_check_shape(tuple(values) if isinstance(values, list) else values,
+                                          "torch.Size"))
 
   def _device(self, kind, index=None):
-    import torch
     if not isinstance(kind, str) or not (index is None or type(index) is int):
       raise UnsafeCheckpointError(f"torch.device({_quote(kind)}, {_quote(index)})")
-    return torch.device(kind) if index is None else torch.device(kind, index)
+    return self.tensors.device(kind, index)
 
   def _codecs_encode(self, text, encoding="latin1", errors="strict"):
     """How protocol-2 pickles store `bytes`; other codecs are refused."""
@@ -623,21 +818,33 @@ def _plain(root):
   return get(root)
 
 
-def safe_torch_load(path: str | os.PathLike):
-  """What `torch.save` stored in `path`, read as the module docstring describes.
+def _is_file(path: str) -> bool:
+  if _is_url(path):
+    from etils import epath  # noqa: PLC0415
+    return epath.Path(path).is_file()
+  return os.path.isfile(path)
 
-  Returns tensors as CPU torch tensors and EasyDicts as plain dicts.
+
+def safe_torch_load(path: str | os.PathLike, *, tensors: str = "torch"):
+  """What `torch.save` stored in `path` (a local path or a `gs://...` URL), read as the
+  module docstring describes.
+
+  `tensors="torch"` returns CPU torch tensors; `tensors="numpy"` returns numpy arrays and
+  never imports torch (what the weight importers use). EasyDicts come back as plain dicts.
   Raises `FileNotFoundError` for a missing file and `UnsafeCheckpointError` (one line
   `"<path>: <reason>"`) for anything refused, damaged or inconsistent.
   """
+  if tensors not in ("torch", "numpy"):
+    raise ValueError(f"tensors={tensors!r}: 'torch' or 'numpy'")
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not _is_file(path):
     raise FileNotFoundError(f"{path}: checkpoint not found")
+  kind = _TorchTensors() if tensors == "torch" else _NumpyTensors()
   archive = None
   try:
     archive = _Archive(path)
     data = bytes(archive.read("data.pkl"))
-    return _plain(_Unpickler(data, archive).load())
+    return _plain(_Unpickler(data, archive, kind).load())
   except UnsafeCheckpointError as e:
     raise UnsafeCheckpointError(f"{path}: {_one_line(e)}", e.global_name) from None
   except Exception as e:  # noqa: BLE001 (whatever a crafted file provokes: one clear line)

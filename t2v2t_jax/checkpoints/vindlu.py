@@ -2,8 +2,10 @@
 
 Source: a VindLU `.pth` (`torch.save` of `{"model": state_dict, "config": EasyDict, ...}`,
 SPEC 8), read with `safe_torch_load` (a restricted unpickler: nothing from the file is
-executed), in either naming (`vindlu_keys.detect_naming`). The key map, the deliberately
-dropped keys and the namings are in `vindlu_keys.py`; export is `vindlu_export.py`.
+executed) straight into numpy arrays (torch is never imported: a run that starts from a
+VindLU checkpoint needs no torch installed), from a local path or a `gs://...` URL, in
+either naming (`vindlu_keys.detect_naming`). The key map, the deliberately dropped keys
+and the namings are in `vindlu_keys.py`; export is `vindlu_export.py`.
 
 Checked before anything is returned: the dropped int buffers must hold what our model
 rebuilds (the standard BEiT relative position index, `arange` position ids), the tied
@@ -29,9 +31,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from t2v2t_jax.checkpoints.import_report import ImportReport
@@ -56,24 +60,40 @@ class VindluCheckpoint:
   upcast: list[str] = dataclasses.field(default_factory=list)  # fp16/bf16 keys read as fp32
 
 
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _torch_tensor_type():
+  """torch.Tensor if torch is already imported (a caller's own tensors), else None: torch
+  is never imported here."""
+  torch = sys.modules.get("torch")
+  return getattr(torch, "Tensor", None)
+
+
 def state_dict_to_numpy(state_dict: Mapping, source: str = "<state dict>"
                         ) -> tuple[dict[str, np.ndarray], list[str]]:
-  """Torch tensors -> numpy (float16/bfloat16 upcast to float32); non-tensors are an error."""
-  import torch
-
+  """Numpy arrays (as `safe_torch_load(..., tensors="numpy")` reads them) or torch tensors
+  -> numpy, float16/bfloat16 upcast to float32; anything else is an error."""
+  tensor_type = _torch_tensor_type()
   out, upcast, bad = {}, [], []
   for key, value in state_dict.items():
     if not isinstance(key, str):
       bad.append(f"key {key!r} ({type(key).__name__}, not a string)")
       continue
-    if not isinstance(value, torch.Tensor):
+    if tensor_type is not None and isinstance(value, tensor_type):
+      value = value.detach().cpu()
+      if value.dtype.is_floating_point and value.element_size() == 2:
+        value = value.float()  # fp16 / bf16: numpy has no torch bfloat16
+        upcast.append(key)
+      out[key] = value.numpy()
+      continue
+    if not isinstance(value, np.ndarray):
       bad.append(f"{key!r} ({type(value).__name__})")
       continue
-    value = value.detach().cpu()
-    if value.dtype in (torch.float16, torch.bfloat16):
-      value = value.to(torch.float32)
+    if value.dtype in (np.float16, _BFLOAT16):
+      value = value.astype(np.float32)
       upcast.append(key)
-    out[key] = value.numpy()
+    out[key] = value
   if bad:
     raise VindluCheckpointError(f"{source}: state-dict entries that are not string-keyed "
                                 "tensors: " + ", ".join(bad[:20])
@@ -82,20 +102,19 @@ def state_dict_to_numpy(state_dict: Mapping, source: str = "<state dict>"
 
 
 def read_vindlu_checkpoint(path: str | os.PathLike) -> VindluCheckpoint:
-  """Safely read a VindLU `.pth` (`{"model": state_dict, ...}` or a bare state dict)."""
-  import torch
-
+  """Safely read a VindLU `.pth` (`{"model": state_dict, ...}` or a bare state dict) into
+  numpy, without torch; `path` may be a `gs://...` URL."""
   from t2v2t_jax.checkpoints.safe_torch_load import safe_torch_load
 
   path = os.fspath(path)
-  obj = safe_torch_load(path)
+  obj = safe_torch_load(path, tensors="numpy")
   config = None
   if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
     state_dict = obj["model"]
     config = obj.get("config")
     if config is not None and not isinstance(config, dict):
       config = None
-  elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+  elif isinstance(obj, Mapping) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
     state_dict = obj
   else:
     keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
@@ -171,8 +190,8 @@ def _describe_source(state: Mapping[str, np.ndarray]) -> str:
 
 
 def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, seed: int = 0,
-                  source: str = "<state dict>", initial: Mapping | None = None
-                  ) -> tuple[dict[str, np.ndarray], ImportReport]:
+                  source: str = "<state dict>", initial: Mapping | None = None,
+                  fill_new: bool = True) -> tuple[dict[str, np.ndarray], ImportReport]:
   """Map a VindLU state dict (numpy arrays) onto a T2V2T model described by `model_config`.
 
   Args:
@@ -185,9 +204,13 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
     initial: optional `{our dotted param path: array}` of initial values (a training run
       passes its freshly initialised parameters); takes precedence over `model`, and no
       model is built.
+    fill_new: False leaves the parameters VindLU lacks (`report.new`) out of the result,
+      for a caller that has its own initial values (`training/initialization.py` reads
+      the weights before the run's model exists); nothing is built then.
 
   Returns:
-    (`{our dotted param path: numpy array}` for EVERY parameter of the model, report).
+    (`{our dotted param path: numpy array}` for EVERY parameter of the model (with
+    `fill_new=False`, every one but `report.new`), report).
   Raises:
     VindluCheckpointError naming every unexpected, missing or misshapen key and every
     parameter of ours that gets no value. Nothing is returned partially.
@@ -289,7 +312,7 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
         f"  checkpoint: {_describe_source(state)}\n  model:      {describe_config(model_config)}\n"
         f"  {len(problems)} problem(s):\n    " + "\n    ".join(problems))
 
-  if report.new:
+  if report.new and fill_new:
     if initial is None:
       if model is None:  # a throw-away model for the initial values, kept in host memory
         with jax.default_device(jax.devices("cpu")[0]):
@@ -297,7 +320,7 @@ def import_vindlu(state: Mapping[str, np.ndarray], model_config, *, model=None, 
       initial = flatten_params(model)
     for path in report.new:
       values[path] = np.asarray(initial[path])
-  ordered = {path: values[path] for path in shapes}
+  ordered = {path: values[path] for path in shapes if path in values}
   return ordered, report
 
 

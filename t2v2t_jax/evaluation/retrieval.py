@@ -21,8 +21,17 @@ In `v2t` a slot's texts share the video's cross-attention keys and values, compu
 pair's FLOPs at 12 frames. A slot holds up to 32 texts, so a video's last slot is partly
 padding. In `t2v2t` the T2V block changes the video with each text, so every pair is a
 slot of its own (no padding) and the fusion is computed for every pair.
-Video tokens are kept on the host in float16 (or in a memory-mapped file for very long
-corpora such as ActivityNet at 32 frames), never all on the device at once.
+Where the video tokens come from at stage 2 (`token_cache`):
+- 'memory' / 'disk': stage 1 keeps every video's tokens on the host in float16, in RAM or
+  in a memory-mapped file (every process holds all of them: N x T x 197 x 768 x 2 bytes,
+  44 GiB for ActivityNet at 32 frames).
+- 'recompute': stage 1 keeps only the per-frame embeddings; the rerank reads the videos
+  again, in the same batches, through the same jitted encoder (so the tokens are the ones
+  stage 1 computed, bit for bit), scores all the candidate pairs of each batch's videos
+  and drops the batch's tokens: each video is encoded once more and the host holds one
+  batch of tokens. The price is a second pass of the video encoder and the loader (every
+  video has candidates: its own top-k texts).
+Tokens are never all on the device at once.
 """
 
 from __future__ import annotations
@@ -79,10 +88,19 @@ def _slots(videos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   return videos[starts], np.where(rows < ends[:, None], rows, -1)
 
 
+TOKEN_CACHES = ("memory", "disk", "recompute")
+
+# A video whose stage-1 and rerank-pass embeddings differ by more than this (they are
+# L2-normalised, so float noise is ~1e-6) was read differently the second time: the
+# rerank scored it with tokens stage 1 did not rank with ('recompute' warns).
+REREAD_TOLERANCE = 1e-3
+
+
 class Embedded(NamedTuple):
   """One corpus through both encoders (host arrays, as `embed_videos` / `embed_texts` give)."""
   video_emb: np.ndarray     # [Nv, F, E] per-frame video embeddings
-  video_tokens: object      # the video tokens the matching head reranks with
+  video_tokens: object      # the video tokens the matching head reranks with; None with
+                            # token_cache='recompute' (the rerank encodes them again)
   text_emb: np.ndarray      # [Nt, E]
   text_hidden: object       # the text encoder's hidden states for the fusion layers
 
@@ -92,7 +110,10 @@ class RetrievalEvaluator:
 
   def __init__(self, graphdef, mesh, *, k: int = 128, rerank_batch_size: int = 128,
                text_batch_size: int = 256, alpha: float = 0.0, token_cache_dir: str | None = None,
-               progress: bool = True, videos_per_batch: int | None = None):
+               progress: bool = True, videos_per_batch: int | None = None,
+               token_cache: str | None = None):
+    """`token_cache`: one of TOKEN_CACHES (module docstring); None: 'disk' when
+    `token_cache_dir` is given, else 'memory'. 'disk' memory-maps under `token_cache_dir`."""
     self.graphdef, self.mesh = graphdef, mesh
     self.k, self.alpha = int(k), float(alpha)
     n_dev = mesh.size
@@ -108,6 +129,14 @@ class RetrievalEvaluator:
     # Bytes sent to the device by the last `score_candidates` (benchmarks report them).
     self.transfer_stats: dict = {}
     self.token_cache_dir = token_cache_dir
+    self.token_cache = token_cache or ("disk" if token_cache_dir else "memory")
+    if self.token_cache not in TOKEN_CACHES:
+      raise ValueError(f"token_cache must be one of {TOKEN_CACHES}, got {self.token_cache!r}")
+    if self.token_cache == "disk" and not token_cache_dir:
+      raise ValueError("token_cache='disk' needs a token_cache_dir")
+    # What the last 'recompute' rerank pass did (videos encoded, largest difference from
+    # the stage-1 embeddings); benchmarks and tests read it.
+    self.reread_stats: dict = {}
     self.progress = progress
     self.batch_sharding = sharding_lib.batch_sharding(mesh)
     model = lambda params: nnx.merge(graphdef, params)
@@ -165,37 +194,53 @@ class RetrievalEvaluator:
     return [jax.make_array_from_process_local_data(self.batch_sharding, a) for a in arrays]
 
   # -- stage 1 --------------------------------------------------------------------------
-  def embed_videos(self, params, data):
-    """Per-frame embeddings [Nv,T,E] and fusion tokens [Nv,T,N,D] (float16) of every video.
+  def _encoded_batches(self, params, data, desc: str):
+    """Each global batch of `data.videos` through the video encoder: (video indices [B],
+    valid [B] bool, per-frame embeddings [B,T,E] on the host, tokens [B,T,N,D] float16
+    still on the device), the same on every process.
 
     `data.videos` yields batches of this process's videos (`frames`, `video_idx`, `valid`);
-    each process's batch size must be a multiple of its local device count.
+    each process's batch size must be a multiple of its local device count. The same
+    batches through the same jitted program give the same numbers, which the
+    'recompute' rerank relies on.
     """
-    video_emb, tokens = None, None
     batches = iter(data.videos)
     try:
-      with tqdm.tqdm(total=data.num_videos, desc="embed videos", disable=not self.progress) as bar:
+      with tqdm.tqdm(total=data.num_videos, desc=desc, disable=not self.progress) as bar:
         for batch in batches:
           frames = np.asarray(batch["frames"])
           # Copies: JAX may keep the array it is given alive, which would keep the
           # loader's shared-memory block alive past the end of the process.
           index, valid = (np.array(batch[k]) for k in ("video_idx", "valid"))
           emb, tok = self._encode_video(params, *self._put_local(frames))
-          emb, tok = to_host(emb), to_host(tok)
           index, valid = to_host(self._put_local(index)[0]), to_host(self._put_local(valid)[0])
           keep = valid.astype(bool)
-          if video_emb is None:
-            video_emb = np.zeros((data.num_videos,) + emb.shape[1:], np.float32)
-            tokens = self._token_store((data.num_videos,) + tok.shape[1:])
-          video_emb[index[keep]] = emb[keep]
-          tokens[index[keep]] = tok[keep]
-          bar.update(int(keep.sum()))
           batch = frames = None  # the loader's shared-memory arrays (see the finally)
+          yield index, keep, to_host(emb), tok
+          bar.update(int(keep.sum()))
     finally:
       # Workers stopped, batches unlinked: nothing left in shared memory at exit.
       close_iterator(batches)
       batches = batch = frames = None
       release_shared_memory()
+
+  def embed_videos(self, params, data):
+    """Per-frame embeddings [Nv,T,E] and fusion tokens [Nv,T,N,D] (float16) of every video;
+    the tokens are None with token_cache='recompute' (they never leave the device).
+
+    `data.videos` yields batches of this process's videos (`frames`, `video_idx`, `valid`);
+    each process's batch size must be a multiple of its local device count.
+    """
+    keep_tokens = self.token_cache != "recompute"
+    video_emb, tokens = None, None
+    for index, keep, emb, tok in self._encoded_batches(params, data, "embed videos"):
+      if video_emb is None:
+        video_emb = np.zeros((data.num_videos,) + emb.shape[1:], np.float32)
+        if keep_tokens:
+          tokens = self._token_store((data.num_videos,) + tok.shape[1:])
+      video_emb[index[keep]] = emb[keep]
+      if keep_tokens:
+        tokens[index[keep]] = to_host(tok)[keep]
     return video_emb, tokens
 
   def _token_store(self, shape):
@@ -241,10 +286,12 @@ class RetrievalEvaluator:
       start = stop
     return bounds
 
-  def score_candidates(self, params, pairs, text_hidden, text_mask, video_tokens):
+  def score_candidates(self, params, pairs, text_hidden, text_mask, video_tokens, *,
+                       progress: bool | None = None):
     """Matching-head logit for each (video, text) row of `pairs`, in the order given.
 
-    The pairs are scored grouped by video (`metrics.candidate_pairs` already sorts them so)."""
+    The pairs are scored grouped by video (`metrics.candidate_pairs` already sorts them so).
+    `video_tokens[v]`: video v's tokens [T, N, D] (any array-like indexed by a list)."""
     given = np.asarray(pairs)
     order = np.argsort(given[:, 0], kind="stable") if len(given) else np.zeros(0, np.int64)
     pairs = given[order]
@@ -254,7 +301,8 @@ class RetrievalEvaluator:
     bs = self.rerank_batch_size
     video_bytes = text_bytes = 0
     batches = self.rerank_batches(slot_video, bs // k)
-    with tqdm.tqdm(total=len(pairs), desc="rerank pairs", disable=not self.progress) as bar:
+    show = self.progress if progress is None else progress
+    with tqdm.tqdm(total=len(pairs), desc="rerank pairs", disable=not show) as bar:
       for start, stop in batches:
         uniq, index = np.unique(slot_video[start:stop], return_inverse=True)
         padded = self.videos_sent(len(uniq))
@@ -276,6 +324,50 @@ class RetrievalEvaluator:
     out[order] = scores
     return out
 
+  def score_candidates_recomputed(self, params, pairs, text_hidden, text_mask, data,
+                                  video_emb: np.ndarray | None = None) -> np.ndarray:
+    """`score_candidates` without a token store: the videos of `data` are read and encoded
+    again, batch by batch as stage 1 did, and each batch's videos' pairs are scored with
+    its tokens before the next batch is read. Each video is encoded once; the host holds
+    one batch of tokens. `video_emb`: stage 1's embeddings, compared with this pass's to
+    catch a video that reads differently the second time (warned about, not fatal: a
+    flaky file gives a black clip once and frames the other time)."""
+    given = np.asarray(pairs).reshape(-1, 2)
+    scores = np.zeros(len(given), np.float32)
+    order = np.argsort(given[:, 0], kind="stable")
+    sorted_videos = given[order, 0]
+    totals = dict(pairs=0, batches=0, video_bytes=0, text_bytes=0, padded_texts=0)
+    encoded, worst, changed = 0, 0.0, 0
+    if len(given):
+      for index, keep, emb, tok in self._encoded_batches(params, data, "rerank videos"):
+        videos = index[keep]
+        encoded += len(videos)
+        if video_emb is not None and len(videos):
+          diff = np.abs(emb[keep] - video_emb[videos]).reshape(len(videos), -1).max(axis=1)
+          worst = max(worst, float(diff.max()))
+          changed += int((diff > REREAD_TOLERANCE).sum())
+        lo = np.searchsorted(sorted_videos, videos, side="left")
+        hi = np.searchsorted(sorted_videos, videos, side="right")
+        spans = [np.arange(a, b) for a, b in zip(lo, hi)]
+        rows = order[np.concatenate(spans)] if spans else np.zeros(0, int)
+        if not len(rows):
+          continue
+        # The batch's kept rows are its token store; pairs name videos by row in it.
+        by_id = np.argsort(videos)
+        local = np.stack([by_id[np.searchsorted(videos[by_id], given[rows, 0])], given[rows, 1]], 1)
+        scores[rows] = self.score_candidates(params, local, text_hidden, text_mask,
+                                             to_host(tok)[keep], progress=False)
+        for key in totals:
+          totals[key] += self.transfer_stats[key]
+    if changed and jax.process_index() == 0:
+      print(f"token_cache='recompute': {changed} video(s) gave other embeddings when read for "
+            f"the rerank than in stage 1 (largest difference {worst:.3g}); their pairs were "
+            f"scored with the tokens of the second reading", flush=True)
+    self.reread_stats = dict(videos_encoded=encoded, max_embedding_diff=worst,
+                             videos_changed=changed)
+    self.transfer_stats = dict(totals, texts_per_slot=self.transfer_stats.get("texts_per_slot"))
+    return scores
+
   def embed(self, params, data) -> Embedded:
     """Stage-1 inputs of `data`: both encoders run once over every video and text."""
     video_emb, video_tokens = self.embed_videos(params, data)
@@ -288,7 +380,12 @@ class RetrievalEvaluator:
     video_emb, video_tokens, text_emb, text_hidden = embedded or self.embed(params, data)
     sim_v2t = similarity(video_emb, text_emb)  # [Nv, Nt]
     pairs, top_v_for_t, top_t_for_v = metrics_lib.candidate_pairs(sim_v2t, self.k)
-    pair_scores = self.score_candidates(params, pairs, text_hidden, data.attention_mask, video_tokens)
+    if video_tokens is None:   # token_cache='recompute': read and encode the videos again
+      pair_scores = self.score_candidates_recomputed(params, pairs, text_hidden,
+                                                     data.attention_mask, data, video_emb)
+    else:
+      pair_scores = self.score_candidates(params, pairs, text_hidden, data.attention_mask,
+                                          video_tokens)
     t2v, v2t = metrics_lib.rerank_matrices(sim_v2t, pairs, pair_scores, top_v_for_t,
                                            top_t_for_v, alpha=self.alpha)
     nv, nt = sim_v2t.shape

@@ -2,16 +2,31 @@
 
 Runs inside the jitted train step on the GLOBAL batch: with `jax.jit` and a batch
 sharded over the mesh, `sim` is the full [B, B] matrix, so VTC is the global-batch loss
-and VTM hard negatives are drawn from the whole batch by default (a DECISION: VindLU drew them
-from the per-GPU batch; the global batch gives harder negatives and makes the step
-independent of the device count).
+whatever the device count.
 
-`vtm_negatives='per_device'` (`negative_groups` = the devices the batch is split over) draws
-them as VindLU did, each device's rows from its own rows: for reproducing VindLU's
-objective, whose negatives get easier as the per-device batch shrinks. The selection then
-stays within each device's rows: global negatives all-gather the whole batch's video tokens
-to every device (seen in the 8-device step's HLO), per-device ones do not. That alone did not
-make the paper-size pretraining step fit a v5e-8 at 64 clips a chip (docs/benchmarks.md, TPU).
+Two protocols (config `protocol`; `train_step.objective_settings` turns one into this
+function's arguments):
+
+- 'vindlu', the paper recipes' default: the objective VindLU's code optimised on the
+  poster's GPUs, so that the poster's numbers can be reproduced on any mesh. VindLU's
+  all-gather passes back only the local slice of the VTC gradient and DDP averages over the
+  W GPUs, so its VTC gradient is 1/W of the global loss's: the VTC weight is divided by W
+  (`vindlu_world_size`, the poster's GPU count). Its VTM negatives come from each GPU's own
+  rows and its MLM loss is each GPU's mean, averaged: here both are taken per row group of
+  the poster's per-GPU batch (`vindlu_gpu_batch`), groups of the global batch's rows, not
+  of this mesh's devices (the rows of a batch are shuffled, so a block of them is as good
+  as one GPU's).
+- 'global', the project's own: the full gradient of the global VTC loss, VTM negatives
+  from the whole batch (harder negatives, and a step independent of the device count) or,
+  with `vtm_negatives='per_device'`, from each device's own rows, and MLM over all masked
+  positions. Per-device negatives stay within each device's rows: global negatives
+  all-gather the whole batch's video tokens to every device (seen in the 8-device step's
+  HLO), per-device ones do not. That alone did not make the paper-size pretraining step fit
+  a v5e-8 at 64 clips a chip (docs/benchmarks.md, TPU).
+
+For checks against another implementation step for step, `compute_losses` takes given
+VTM negatives and MLM inputs instead of drawing them; `deterministic=True` turns every
+dropout and stochastic depth off.
 """
 
 from __future__ import annotations
@@ -23,6 +38,8 @@ from flax import nnx
 from t2v2t_jax import losses
 from t2v2t_jax.models import cpu_ops
 from t2v2t_jax.models.t2v2t import similarity
+
+PROTOCOLS = ("vindlu", "global")  # config `protocol`: see the module docstring
 
 
 def select_rows(x, index):
@@ -95,7 +112,8 @@ def _pairs_by_row(*blocks):
 
 
 def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, deterministic=False,
-                   negative_groups: int = 1):
+                   negative_groups: int = 1, mlm_groups: int = 1, negatives=None,
+                   mlm_inputs=None):
   """Returns (total_loss, metrics) for one batch.
 
   Args:
@@ -103,10 +121,21 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
     batch: dict with frames uint8 [B,T,H,W,3], input_ids [B,L], attention_mask [B,L],
       video_idx [B].
     key: PRNG key for this step (dropout, negatives, masking).
-    loss_weights: mapping with vtc, vtm, mlm weights; a zero weight skips that loss.
+    loss_weights: mapping with vtc, vtm, mlm weights, as applied (the 'vindlu' protocol's
+      1/W is already in `vtc`); a zero weight skips that loss.
     special_ids: cls, pad, mask token ids and vocab_size, for MLM masking.
+    deterministic: True turns every dropout and stochastic depth off (`key` then draws only
+      the negatives and the masking).
     negative_groups: 1 draws VTM negatives from the whole batch; g > 1 from each of g
-      contiguous row groups (the per-device shards: `vtm_negatives='per_device'`).
+      contiguous row groups (VindLU's GPUs under 'vindlu', the devices under
+      `vtm_negatives='per_device'`).
+    mlm_groups: 1 averages MLM over the batch's masked positions; g > 1 within each of g
+      row groups, then over the groups (`losses.mlm_loss`).
+    negatives: None draws them; else (neg_video_for_text [B], neg_text_for_video [B]) int,
+      indices into the whole batch's rows (for VindLU's per-GPU indices: the GPU's first
+      row + its local index), used as given whatever `negative_groups` says.
+    mlm_inputs: None masks the captions here; else (masked_ids [B,L], labels [B,L]) as
+      `losses.mask_tokens` returns them (labels -100 where nothing is predicted).
   """
   k_drop, k_neg, k_mask = jax.random.split(key, 3)
   rngs = None if deterministic else nnx.Rngs(dropout=dropout_key(k_drop))
@@ -133,15 +162,22 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
   # Pairs are laid out row by row (`_pairs_by_row`), so each device fuses its own rows.
   own_text, own_mask, slot = [], [], {}
   if loss_weights["vtm"]:
-    neg_video, neg_text = _hard_negatives(sim, temp, video_idx, k_neg, negative_groups)
+    if negatives is None:
+      neg_video, neg_text = _hard_negatives(sim, temp, video_idx, k_neg, negative_groups)
+    else:  # one group: the whole batch, as the given indices are
+      neg_video, neg_text = (jnp.asarray(x, jnp.int32)[None] for x in negatives)
     slot["pos"], slot["neg_text"] = 0, 1
     own_text += [text_hidden, _select_in_groups(text_hidden, neg_text)]
     own_mask += [mask, _select_in_groups(mask, neg_text, lambda m, i: m[i])]
   if loss_weights["mlm"]:
-    masked_ids, labels = losses.mask_tokens(
-        ids, mask, k_mask, vocab_size=special_ids["vocab_size"],
-        mask_token_id=special_ids["mask"], cls_token_id=special_ids["cls"],
-        pad_token_id=special_ids["pad"])
+    if mlm_inputs is None:
+      masked_ids, labels = losses.mask_tokens(
+          ids, mask, k_mask, vocab_size=special_ids["vocab_size"],
+          mask_token_id=special_ids["mask"], cls_token_id=special_ids["cls"],
+          pad_token_id=special_ids["pad"])
+    else:
+      masked_ids, labels = mlm_inputs
+      masked_ids, labels = jnp.asarray(masked_ids, ids.dtype), jnp.asarray(labels, jnp.int32)
     masked_hidden, _ = model.encode_text(masked_ids, mask, deterministic=deterministic, rngs=rngs)
     slot["mlm"] = len(own_text)
     own_text.append(masked_hidden)
@@ -167,7 +203,8 @@ def compute_losses(model, batch, key, *, loss_weights, special_ids: dict, determ
     total = total + loss_weights["vtm"] * vtm
 
   if loss_weights["mlm"]:
-    mlm, mlm_aux = losses.mlm_loss(model.mlm_logits(fused_own[:, slot["mlm"]]), labels)
+    mlm, mlm_aux = losses.mlm_loss(model.mlm_logits(fused_own[:, slot["mlm"]]), labels,
+                                   groups=mlm_groups)
     metrics["loss_mlm"] = mlm
     metrics.update(mlm_aux)
     total = total + loss_weights["mlm"] * mlm

@@ -1,13 +1,21 @@
-"""AdamW with VindLU's weight-decay rule and warmup + cosine learning-rate schedule.
+"""AdamW with VindLU's weight-decay rule and a warmup + cosine learning-rate schedule.
 
 SPEC 7: AdamW (b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay 0.02 multiplied by the
-learning rate, as torch.optim.AdamW), linear warmup from 1% of the peak, cosine decay to
-`min_lr`, no gradient clipping. The schedule is optax's warmup + cosine.
+learning rate, as torch.optim.AdamW), no gradient clipping. Two schedules, both warmup then
+a half cosine over optimizer updates, both reaching `lr` at the end of the warmup:
+
+- 'vindlu' (protocol 'vindlu', the paper recipes'): the formula of VindLU's
+  `utils/scheduler.py`, which its runs stepped once per iteration, with the multiplier
+  floor `min_lr_multi` = min_lr / lr, so that the poster's endpoints (1e-4 -> 1e-6,
+  1e-5 -> 1e-6) are its floor. Its warmup starts at that floor, not at 0.
+- 'warmup_cosine' (protocol 'global', the project's): optax's linear warmup from 1% of the
+  peak and a cosine that ends at `min_lr` exactly at the last step.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -15,14 +23,16 @@ from ml_collections import config_dict
 
 from t2v2t_jax.tree_paths import parameter_path
 
-WARMUP_START_FACTOR = 0.01  # warmup starts at 1% of the peak learning rate
+WARMUP_START_FACTOR = 0.01  # 'warmup_cosine': warmup starts at 1% of the peak learning rate
+SCHEDULES = ("vindlu", "warmup_cosine")
+PROTOCOL_SCHEDULES = {"vindlu": "vindlu", "global": "warmup_cosine"}  # config `protocol`'s
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
   """Optimizer fields with the pretraining defaults of SPEC 7 (recipes override them)."""
   c = ml_collections.ConfigDict()
   c.lr = 1e-4               # peak learning rate
-  c.min_lr = 1e-6           # end of the cosine
+  c.min_lr = 1e-6           # end of the cosine ('vindlu': its floor, min_lr / lr of the peak)
   c.warmup_epochs = 1.0     # may be fractional (fine-tuning: 0.5)
   c.epochs = 10.0
   c.weight_decay = 0.02
@@ -31,6 +41,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8
   c.grad_accum_steps = 1    # >1: optax.MultiSteps, one update every k micro-batches
   c.grad_clip_norm = config_dict.placeholder(float)  # None = no clipping (VindLU)
+  c.schedule = ""           # '' = the protocol's | 'vindlu' | 'warmup_cosine' (module docstring)
   return c
 
 
@@ -58,6 +69,46 @@ def learning_rate_schedule(peak_lr: float, min_lr: float, total_steps: int,
   return optax.warmup_cosine_decay_schedule(
       init_value=WARMUP_START_FACTOR * peak_lr, peak_value=peak_lr, warmup_steps=warmup_steps,
       decay_steps=decay_steps, end_value=min_lr)
+
+
+def vindlu_schedule(peak_lr: float, min_lr: float, total_steps: int,
+                    warmup_steps: float) -> optax.Schedule:
+  """VindLU's schedule (`get_cosine_schedule_with_warmup`, num_cycles 0.5) with the floor
+  m = min_lr / peak_lr. For step s (optimizer updates from 0; VindLU's LambdaLR gives the
+  first iteration lambda(0) and steps once per iteration):
+
+    s <  W: lr = peak * max(m, s / max(1, W))
+    s >= W: lr = peak * max(m, 0.5 * (1 + cos(pi * p))),  p = (s - W) / max(1, N - W)
+
+  with W = warmup_steps and N = total_steps. W is not rounded: VindLU computes it as
+  steps per epoch x warmup epochs, fractional for 0.5 warmup epochs and an odd epoch.
+  The cosine reaches the floor before the end (at p = 0.94 for m = 0.01, p = 0.80 for
+  m = 0.1) and stays there. One departure: past s = N (never run) p stays at 1, where
+  VindLU's cosine would climb again.
+  """
+  peak_lr, min_lr = float(peak_lr), float(min_lr)
+  total_steps, warmup_steps = int(total_steps), float(warmup_steps)
+  if warmup_steps < 0 or total_steps < 0:
+    raise ValueError(f"steps must be >= 0, got total={total_steps}, warmup={warmup_steps}")
+  floor = min_lr / peak_lr if peak_lr else 0.0
+
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32)
+    warm = jnp.maximum(floor, s / max(1.0, warmup_steps))
+    progress = jnp.minimum(1.0, (s - warmup_steps) / max(1.0, total_steps - warmup_steps))
+    decay = jnp.maximum(floor, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+    return peak_lr * jnp.where(s < warmup_steps, warm, decay)
+
+  return schedule
+
+
+def schedule_name(cfg: ml_collections.ConfigDict, protocol: str = "global") -> str:
+  """`cfg.schedule`, or the protocol's schedule when it is ''."""
+  name = cfg.get("schedule", "") or PROTOCOL_SCHEDULES.get(protocol)
+  if name not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={cfg.get('schedule', '')!r} with protocol={protocol!r}: "
+                     f"the schedule is not one of {list(SCHEDULES)}")
+  return name
 
 
 def is_decayed(path: str | tuple[str, ...], ndim: int) -> bool:
@@ -103,13 +154,18 @@ def total_updates(config, steps_per_epoch: int) -> int:
   return max(1, int(round(config.optimizer.epochs * steps_per_epoch / accum)))
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """The schedule `make_optimizer` uses (for logging the learning rate)."""
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
+                  protocol: str = "global") -> optax.Schedule:
+  """The schedule `make_optimizer` uses (for logging the learning rate): `cfg.schedule`,
+  or the one of config `protocol` when that is ''."""
+  if schedule_name(cfg, protocol) == "vindlu":
+    warmup = float(total_steps) * float(cfg.warmup_epochs) / float(cfg.epochs)
+    return vindlu_schedule(cfg.lr, cfg.min_lr, total_steps, min(warmup, float(total_steps)))
   warmup, total = warmup_and_total_steps(cfg, total_steps)
   return learning_rate_schedule(cfg.lr, cfg.min_lr, total, warmup)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, protocol: str = "global"
                    ) -> optax.GradientTransformation:
   """AdamW + VindLU weight-decay mask + warmup/cosine schedule (+ optional clip, accum).
 
@@ -118,11 +174,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
     total_steps: number of OPTIMIZER UPDATES of the run (epochs * steps per epoch). With
       `grad_accum_steps = k` the train loop feeds k * total_steps micro-batches; the
       schedule advances once per update, not per micro-batch.
+    protocol: config `protocol`, whose schedule applies when `cfg.schedule` is ''.
   """
   chain = []
   if cfg.get("grad_clip_norm") is not None:
     chain.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
-  chain.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+  chain.append(optax.adamw(make_schedule(cfg, total_steps, protocol), b1=cfg.b1, b2=cfg.b2,
                            eps=cfg.eps, weight_decay=cfg.weight_decay,
                            mask=weight_decay_mask))
   tx = optax.chain(*chain) if len(chain) > 1 else chain[0]
@@ -132,5 +189,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
   return tx
 
 
-__all__ = ["optimizer_config", "learning_rate_schedule", "weight_decay_mask", "is_decayed",
-           "make_schedule", "make_optimizer", "warmup_and_total_steps", "total_updates"]
+__all__ = ["optimizer_config", "learning_rate_schedule", "vindlu_schedule", "schedule_name",
+           "weight_decay_mask", "is_decayed", "make_schedule", "make_optimizer",
+           "warmup_and_total_steps", "total_updates"]

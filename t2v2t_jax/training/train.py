@@ -15,7 +15,6 @@ follows a run in order. Resume order (first that applies):
 
 from __future__ import annotations
 
-import os
 import time
 import zlib
 
@@ -28,11 +27,14 @@ from input_pipeline import pipeline as pipeline_lib
 from input_pipeline import text as text_lib
 from t2v2t_jax import metric_writer as writer_lib
 from t2v2t_jax import sharding as sharding_lib
+from t2v2t_jax import storage
 from t2v2t_jax.checkpoints.run_checkpoints import Checkpointer
 from t2v2t_jax.models.t2v2t import abstract_params
 from t2v2t_jax.training import config_checks
 from t2v2t_jax.training import initialization
 from t2v2t_jax.training import optimizer as optimizer_lib
+from t2v2t_jax.training import preemption as preemption_lib
+from t2v2t_jax.training import profiling as profiling_lib
 from t2v2t_jax.training import train_state as state_lib
 from t2v2t_jax.training import train_step as step_lib
 from t2v2t_jax.training import workdir as workdir_lib
@@ -47,8 +49,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   # ------------------------------------------------------------------ Set up logging
   config_checks.check_run_settings(config)  # before any work (main.py also checks the data)
   sharding_lib.maybe_initialize_distributed(config)
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+  storage.makedirs(workdir)  # a local folder or a gs:// prefix (storage.py)
+  ckpt = Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                       quarantine=True)
   resume_step = ckpt.latest_step()  # the newest usable step; damaged ones are named
   if resume_step is None:
@@ -61,6 +63,16 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   # ------------------------------------------------------------------ Mesh
   mesh = sharding_lib.make_mesh(config.mesh)
   logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+  if is_main:
+    print(where_it_runs(mesh), flush=True)
+    warning = cpu_warning(config)
+    if warning:
+      print(warning, flush=True)
+
+  # ------------------------------------------------------------------ Pretrained weights
+  # Read and checked against the model's shapes before the data pipeline starts and
+  # anything compiles: a wrong name or a damaged file fails in seconds, not after both.
+  fetched = initialization.fetch_weights(config) if resume_step is None else None
 
   # ------------------------------------------------------------------ Input pipeline
   tokenizer = text_lib.load_tokenizer(config.data.tokenizer)
@@ -76,23 +88,24 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   data_iter = bad_data.TrackedIterator(iter(train_ds), bad_data.FailureTracker.from_config(config.data))
 
   # ------------------------------------------------------------------ Create model & optimizer
-  tx = optimizer_lib.make_optimizer(config.optimizer, total_updates)
-  schedule = optimizer_lib.make_schedule(config.optimizer, total_updates)
+  protocol = config.get("protocol", "global")  # VindLU's objective and schedule, or ours
+  tx = optimizer_lib.make_optimizer(config.optimizer, total_updates, protocol)
+  schedule = optimizer_lib.make_schedule(config.optimizer, total_updates, protocol)
   abstract = state_lib.abstract_state(config.model, tx, config.seed)
   shardings = state_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
   graphdef, _ = abstract_params(config.model)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(
-          graphdef, tx, loss_weights=config.loss_weights, special_ids=special_ids,
+          graphdef, tx, special_ids=special_ids,
           temp_bounds=(config.model.temp_min, config.model.temp_max),
           lr_schedule=lambda s: schedule(s // accum),
-          negative_groups=step_lib.negative_groups(
-              config.get("vtm_negatives", "global"), config.batch_size, mesh)),
+          **step_lib.objective_settings(config, config.batch_size, mesh)),
       shardings, mesh)
 
   # ------------------------------------------------------------------ Load checkpoint
   state, source = initialization.initial_state(
-      config, ckpt=ckpt, abstract=abstract, shardings=shardings, tx=tx, data_iter=data_iter)
+      config, ckpt=ckpt, abstract=abstract, shardings=shardings, tx=tx, data_iter=data_iter,
+      fetched=fetched)
   if ckpt.restored_step is not None:  # an older step if the newest failed to restore
     source = f"resumed from {ckpt.step_dir(ckpt.restored_step)}"
   start_step = int(state["step"])
@@ -106,15 +119,23 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   step = start_step
   t_last, step_last = time.perf_counter(), step
   last_metrics = None
+  eval_interval = eval_interval_steps(config, steps_per_epoch, accum)
+  profiler = profiling_lib.StepProfiler(config.get("profile_steps", ""),
+                                        storage.join(workdir, "tensorboard"), enabled=is_main)
+  # A preemption notice (SIGTERM) makes every process save the same step and stop.
+  watch = preemption_lib.PreemptionWatch()
+  preempted = None
   try:
     while step < total_micro_steps:
+      profiler.start_if_due(step, state)
       local = next(data_iter)  # counted by `failures` (raises past data.failure_fraction)
       # A cheap fingerprint of this process's batch, logged so that a resumed run can be
       # checked against an uninterrupted one batch by batch.
       batch_crc = zlib.crc32(np.ascontiguousarray(local["input_ids"]).tobytes()
                              + np.ascontiguousarray(local["video_idx"]).tobytes())
       batch = sharding_lib.global_batch(local, mesh, pipeline_lib.MODEL_KEYS)
-      state, metrics = train_step(state, batch)
+      with profiler.annotate(step + 1):
+        state, metrics = train_step(state, batch)
       step += 1
       # Check the previous step's loss (already computed) so the host does not stall.
       if last_metrics is not None:
@@ -133,24 +154,95 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
           print(writer_lib.console_line(step, total_micro_steps, host_metrics, rate, eta,
                                         failures.summary()), flush=True)
         t_last, step_last = now, step
+      profiler.stop_if_due(step, state)  # after the step's log line: it belongs to the step
 
-      if step % config.checkpoint_every == 0 or step == total_micro_steps:
+      # Asked by every process at every step: the multi-process protocol counts on it.
+      stop = watch.should_stop(step)
+      if stop or step % config.checkpoint_every == 0 or step == total_micro_steps:
         _check_finite(metrics, step)  # never overwrite a good checkpoint with a diverged state
         ckpt.save(step, state, data_iter)
+      if stop:
+        preempted = preemption_lib.Preempted(step, ckpt.step_dir(step))
+        break
 
-      if config.eval_every and step % config.eval_every == 0 and step != total_micro_steps:
-        _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
+      if eval_interval and step % eval_interval == 0 and step != total_micro_steps:
+        if config.best_key and step % config.checkpoint_every != 0:
+          ckpt.save(step, state, data_iter)  # an evaluated step may become the best one
+        results = _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step,
+                            writer)
+        _mark_if_best(config, ckpt, step, results)
   finally:
+    profiler.stop(last_step=step)  # a trace still running: the run ended or stopped mid-range
+    watch.close()
     ckpt.close()  # waits for the last save, which holds the iterator's state
     # Stops the workers and frees the batches in shared memory (the last one included).
     pipeline_lib.close_iterator(data_iter)
     local = batch = data_iter = None
     pipeline_lib.release_shared_memory()
+  if preempted is not None:  # the checkpoint is complete on disk (ckpt.close above)
+    writer.close()
+    raise preempted
   results = {}
   if evaluate_at_end and config.eval.corpora_enabled:
     results = _run_eval(config, state["params"], graphdef, mesh, tokenizer, workdir, step, writer)
+    _mark_if_best(config, ckpt, step, results)
   writer.close()
   return results
+
+
+def eval_interval_steps(config, steps_per_epoch: int, accum: int) -> int:
+  """Micro-steps between evaluations during training (0: only at the end):
+  `eval_every_epochs` (VindLU's protocol evaluates after every epoch) or `eval_every`."""
+  epochs = config.get("eval_every_epochs", 0)
+  if epochs:
+    return max(1, int(round(epochs * steps_per_epoch * accum)))
+  return config.eval_every
+
+
+def _mark_if_best(config, ckpt, step: int, results: dict) -> None:
+  """VindLU keeps the epoch whose `stop_key` metric is highest: `best_key` is
+  `<eval corpus>/<metric>` (e.g. `didemo_val/r_mean`, the mean of R@1/5/10 over both
+  directions, reranked); the step that scores best so far is named in `best.json`."""
+  if not config.best_key or not results:
+    return
+  corpus, _, metric = config.best_key.partition("/")
+  if metric not in results.get(corpus, {}):
+    raise ValueError(f"best_key={config.best_key!r}: the evaluation has no "
+                     f"{metric!r} for {corpus!r} (corpora: {sorted(results)}; metrics: "
+                     f"{sorted(k for k, v in results.get(corpus, {}).items() if isinstance(v, float))})")
+  value = float(results[corpus][metric])
+  best = ckpt.best()
+  if best is None or best.get("key") != config.best_key or value > best["value"]:
+    ckpt.mark_best(step, config.best_key, value)
+    if jax.process_index() == 0:
+      print(f"Best so far by {config.best_key}: {value:.2f} at step {step} "
+            f"({ckpt.step_dir(step)})", flush=True)
+
+
+def where_it_runs(mesh) -> str:
+  """The start line: platform, device kind and count, processes and the mesh, so that a run
+  on the wrong backend (a CPU jaxlib on a GPU machine) shows in its first line."""
+  device = jax.devices()[0]
+  processes = jax.process_count()
+  return (f"Running on {jax.device_count()} x {device.device_kind} ({device.platform}"
+          f"{f', {processes} processes' if processes > 1 else ''}), mesh "
+          f"{', '.join(f'{k}={v}' for k, v in mesh.shape.items())}")
+
+
+def cpu_warning(config) -> str | None:
+  """A warning when a paper-size model is about to train on the CPU: `pip install -e .`
+  gives the CPU jaxlib, and on a GPU or TPU machine without the matching jax the recipe
+  would otherwise run for days without a word."""
+  if jax.default_backend() != "cpu":
+    return None
+  width = max(config.model.vision.width, config.model.text.width)
+  if width < 768:  # the demo and `:tiny` sizes are meant for the CPU
+    return None
+  return (f"Warning: training a paper-size model (vision {config.model.vision.variant}, text "
+          f"{config.model.text.variant}) on the CPU: JAX sees no GPU or TPU. On a GPU "
+          f"machine install `pip install -e \".[cuda]\"`, on a TPU VM `pip install -e "
+          f"\".[tpu]\"` (README, 'Installing on GPU / TPU'); check with `python -c \"import "
+          f"jax; print(jax.devices())\"`.")
 
 
 def _check_finite(metrics, step):

@@ -10,11 +10,10 @@ neither mixes its metrics with the old ones nor silently drops the old progress.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import jax
 
+from t2v2t_jax import storage
 from t2v2t_jax.checkpoints.run_checkpoints import DAMAGED_DIR, NoUsableCheckpointError
 from t2v2t_jax.tree_paths import flatten_config
 
@@ -31,11 +30,7 @@ def save_config(config, workdir: str) -> None:
   # Written aside, then renamed over: the other processes of a resumed multi-host run read
   # the old file at the same time (`warn_if_resuming_with_changes`), and must never see
   # it truncated.
-  path = os.path.join(workdir, "config.json")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+  storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def config_differences(saved: dict, config) -> list[tuple[str, object, object]]:
@@ -57,11 +52,10 @@ def warn_if_resuming_with_changes(config, workdir: str, *, resuming: bool) -> li
   """A run that continues from `workdir`'s checkpoint (`resuming`) with another config
   resumes, but not exactly (batches, schedule) and, for model fields, maybe not at all:
   say which fields changed before anything else happens. Returns the differences."""
-  path = os.path.join(workdir, "config.json")
-  if not resuming or not os.path.isfile(path):
+  path = storage.join(workdir, "config.json")
+  if not resuming or not storage.isfile(path):
     return []
-  with open(path) as f:
-    diffs = config_differences(json.load(f), config)
+  diffs = config_differences(json.loads(storage.read_text(path)), config)
   if diffs and jax.process_index() == 0:
     print(f"Warning: {workdir} holds checkpoints of a run with other settings; resuming "
           f"with these changes: {describe_differences(diffs)}. Use a new --workdir to start "
@@ -74,15 +68,15 @@ def _logged_training(metrics_path: str) -> bool:
   """Whether `metrics.jsonl` holds a training step (a row with a loss); evaluation rows
   alone, e.g. of a zero-shot `--mode eval` in the same folder, do not count."""
   try:
-    with open(metrics_path) as f:
-      for line in f:
-        try:
-          if "loss" in json.loads(line):
-            return True
-        except ValueError:
-          continue  # a line cut short by a crash
+    text = storage.read_text(metrics_path) if storage.exists(metrics_path) else ""
   except OSError:
-    pass
+    return False
+  for line in text.splitlines():
+    try:
+      if "loss" in json.loads(line):
+        return True
+    except ValueError:
+      continue  # a line cut short by a crash
   return False
 
 
@@ -91,10 +85,10 @@ def earlier_run(workdir: str) -> list[str]:
   with or silently drop: logged training steps, damaged checkpoints set aside. (A
   `config.json` alone, from a run that stopped before its first step, loses nothing.)"""
   found = []
-  if _logged_training(os.path.join(workdir, "metrics.jsonl")):
+  if _logged_training(storage.join(workdir, "metrics.jsonl")):
     found.append("metrics.jsonl")
-  damaged = os.path.join(workdir, DAMAGED_DIR)
-  if os.path.isdir(damaged) and os.listdir(damaged):
+  damaged = storage.join(workdir, DAMAGED_DIR)
+  if storage.listdir(damaged):
     found.append(DAMAGED_DIR + "/")
   return found
 
@@ -113,7 +107,7 @@ def check_start_from_scratch(config, workdir: str, damaged: dict | None = None) 
         f"{workdir} holds an earlier run ({', '.join(found)}) but no usable checkpoint to "
         f"resume from; refusing to start from scratch over it. Use a new --workdir, or pass "
         f"--config.start_over=True to start from scratch here (the earlier run's logs are "
-        f"then moved to {os.path.join(workdir, PREVIOUS_RUNS)}/<n>/).")
+        f"then moved to {storage.join(workdir, PREVIOUS_RUNS)}/<n>/).")
   moved = _move_logs_aside(workdir)
   if jax.process_index() == 0:
     print(f"Starting over in {workdir} (start_over=True): no usable checkpoint; the earlier "
@@ -121,16 +115,16 @@ def check_start_from_scratch(config, workdir: str, damaged: dict | None = None) 
 
 
 def _move_logs_aside(workdir: str) -> str:
-  base = os.path.join(workdir, PREVIOUS_RUNS)
+  base = storage.join(workdir, PREVIOUS_RUNS)
   n = 1
-  while os.path.exists(os.path.join(base, str(n))):
+  while storage.exists(storage.join(base, str(n))):
     n += 1
-  target = os.path.join(base, str(n))
+  target = storage.join(base, str(n))
   if jax.process_index() == 0:
-    os.makedirs(target)
+    storage.makedirs(target)
     for name in ("config.json", "metrics.jsonl", "tensorboard", "eval", "eval_cache"):
-      if os.path.exists(os.path.join(workdir, name)):
-        shutil.move(os.path.join(workdir, name), os.path.join(target, name))
+      if storage.exists(storage.join(workdir, name)):
+        storage.move(storage.join(workdir, name), storage.join(target, name))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("earlier run moved aside")
