@@ -175,10 +175,10 @@ def _bare(p) -> str:
 
 
 def crc32c_file(p) -> int:
-  """CRC32C of a local file (the checksum GCS keeps for every object)."""
+  """CRC32C of a file (the checksum GCS keeps for every object), read in chunks."""
   import google_crc32c  # noqa: PLC0415
   crc = google_crc32c.Checksum()
-  with open(os.fspath(p), "rb") as f:
+  with path(p).open("rb") as f:
     while chunk := f.read(1 << 24):
       crc.update(chunk)
   return int.from_bytes(crc.digest(), "big")
@@ -217,13 +217,9 @@ def files_with_checksums(directory) -> dict[str, tuple[int, int]]:
   object listing (no download), locally by reading each file once."""
   if is_remote(directory):
     listing = _remote_listing(directory)
-    missing = [rel for rel, (_, crc) in listing.items() if crc is None]
-    if missing:  # a store that keeps no CRC32C: read those objects
-      for rel in missing:
-        import google_crc32c  # noqa: PLC0415
-        listing[rel] = (listing[rel][0], int.from_bytes(
-            google_crc32c.Checksum(read_bytes(join(directory, rel))).digest(), "big"))
-    return listing
+    # An object the store lists without a CRC32C is read once.
+    return {rel: (size, crc if crc is not None else crc32c_file(join(directory, rel)))
+            for rel, (size, crc) in listing.items()}
   return {rel: (size, crc32c_file(os.path.join(os.fspath(directory), rel)))
           for rel, size in list_files(directory).items()}
 

