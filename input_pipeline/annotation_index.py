@@ -42,7 +42,11 @@ lock: processes that race (several tasks of a host) wait for the first one's bui
 open it. A damaged folder (a file missing or cut short) is built again.
 
 Every entry is checked while the index is built; a bad one raises `AnnotationError`
-naming the file and the entry, and leaves no index behind.
+naming the file and the entry, and leaves no index behind. Media paths are stored in
+normal form (`videos/./x` and `videos//x` are `videos/x`, one video) and must stay inside
+the media root (no absolute path, no `..` above it); how many videos were named by more
+than one spelling is recorded in `index.json` (`aliased_videos`, `alias_examples`) for
+`annotations.load_corpus` to warn about.
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import sqlite3
+import sys
 import tempfile
 import urllib.parse
 import uuid
@@ -63,7 +69,10 @@ from array import array
 
 import numpy as np
 
-FORMAT = 1  # bump when the folder's layout or content changes: older folders are rebuilt
+from t2v2t_jax.errors import Refusal
+
+# 2: media paths normalised (`a/./b` -> `a/b`) and confined to the media root; alias counts.
+FORMAT = 2  # bump when the folder's layout or content changes: older folders are rebuilt
 MEDIA_KEY = {"video": "video", "image": "image"}
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SQLITE_TABLE = "annos"
@@ -76,7 +85,7 @@ _CHUNK = 1 << 22  # JSON read size; a longer entry doubles it until the entry fi
 _WRITE_BUFFER = 1 << 20
 
 
-class AnnotationError(ValueError):
+class AnnotationError(Refusal):
   """A malformed annotation file or entry; the message names the file and entry index."""
 
 
@@ -172,6 +181,34 @@ def check_entry(anno_file: str, index: int, entry, kind: str) -> tuple[str, list
     raise AnnotationError(f"{anno_file}: {where}: {key!r} must be a non-empty string path, "
                           f"got {path!r:.80}")
   return path, _entry_captions(anno_file, where, entry)
+
+
+def normalise_media_path(anno_file: str, where: str, key: str, path: str) -> str:
+  """The media path of an entry in its one canonical spelling, or AnnotationError.
+
+  Why: the path is joined to the media root, so an absolute path or one that climbs out
+  with `..` would read (and, in `prepare`, publish frames of) files outside the corpus;
+  and `videos/x`, `videos/./x` and `videos//x` would otherwise be three gallery videos
+  with the same frames, which splits one video's positives and ground truths. The check
+  is lexical (no file system access, so it holds for media that is not there yet):
+  symbolic links inside the media root are followed as they are, which is how corpora
+  spread over several disks are usually laid out.
+  """
+  if "\x00" in path:
+    raise AnnotationError(f"{anno_file}: {where}: {key!r} {path!r:.80} holds a NUL character, "
+                          "which no file name can")
+  if posixpath.isabs(path) or os.path.isabs(path):
+    raise AnnotationError(f"{anno_file}: {where}: {key!r} {path!r:.120} is an absolute path; "
+                          "media paths must be relative to the corpus's media root")
+  normal = posixpath.normpath(path)
+  if normal == ".":
+    raise AnnotationError(f"{anno_file}: {where}: {key!r} {path!r:.120} names the media root "
+                          "itself, not a file under it")
+  if normal == ".." or normal.startswith("../"):
+    raise AnnotationError(f"{anno_file}: {where}: {key!r} {path!r:.120} leads outside the "
+                          f"media root (it resolves to {normal!r:.120}); media paths must stay "
+                          "inside it")
+  return normal
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -311,9 +348,24 @@ class _JsonListReader:
 
 
 def json_entries(anno_file: str, f, kind: str):
-  """`(path, captions)` of each entry of a JSON annotation file open as `f` (binary)."""
-  for i, entry in enumerate(_JsonListReader(anno_file, f)):
-    yield check_entry(anno_file, i, entry, kind)
+  """`(where, path, captions)` of each entry of a JSON annotation file open as `f` (binary);
+  `where` names the entry for error messages."""
+  reader = iter(_JsonListReader(anno_file, f))
+  i = 0
+  while True:
+    try:
+      entry = next(reader)
+    except StopIteration:
+      return
+    except RecursionError:
+      # json's decoder recurses once per nesting level: `[[[[...` a few thousand deep
+      # (a few KB of text) would otherwise escape as a bare RecursionError. No entry of
+      # this format nests more than two levels, so depth is refused, not raised.
+      raise AnnotationError(f"{anno_file}: entry {i}: nested too deeply to be an annotation "
+                            f"entry (more than ~{sys.getrecursionlimit()} levels of JSON lists "
+                            "or objects)") from None
+    yield (f"entry {i}", *check_entry(anno_file, i, entry, kind))
+    i += 1
 
 
 def sqlite_entries(anno_file: str, db_path: str, kind: str):
@@ -326,6 +378,7 @@ def sqlite_entries(anno_file: str, db_path: str, kind: str):
     con = sqlite3.connect(uri, uri=True)
   except sqlite3.Error as e:
     raise AnnotationError(f"{anno_file}: cannot open as SQLite ({e})") from e
+  i = -1  # the last entry read: a row sqlite cannot decode fails while it is fetched
   try:
     try:
       columns = [row[1] for row in con.execute(f"PRAGMA table_info({SQLITE_TABLE})")]
@@ -352,9 +405,10 @@ def sqlite_entries(anno_file: str, db_path: str, kind: str):
       if not isinstance(caption, str):
         raise AnnotationError(f"{anno_file}: entry {i} (id {row_id}): 'caption' must be a "
                               f"string, got {caption!r:.80}")
-      yield path, [caption]
+      yield f"entry {i} (id {row_id})", path, [caption]
   except sqlite3.DatabaseError as e:
-    raise AnnotationError(f"{anno_file}: SQLite read failed ({e})") from e
+    # A text value that is not valid UTF-8 fails here, while row i + 1 is fetched.
+    raise AnnotationError(f"{anno_file}: entry {i + 1}: SQLite read failed ({e})") from e
   finally:
     con.close()
 
@@ -368,7 +422,11 @@ def _build(folder: str, anno_file: str, identity: dict, kind: str, paragraph: bo
   entry_ends = array("q", [0])  # end offset of each entry's path in media.bin
   caption_ends = array("q", [0])
   counts = array("I")  # pairs per entry
-  digests = bytearray()  # 16 bytes per entry
+  digests = bytearray()  # 16 bytes per entry, of the normalised path
+  # Entries whose path was written in another spelling than its normal form, with the
+  # digest of that spelling: enough to tell, per video, how many spellings name it.
+  respelt, respelt_digests, respelt_examples = array("q"), bytearray(), {}
+  media_key = MEDIA_KEY[kind]
   with contextlib.ExitStack() as stack:
     if is_sqlite(anno_file):
       db = anno_file
@@ -385,7 +443,14 @@ def _build(folder: str, anno_file: str, identity: dict, kind: str, paragraph: bo
                                                 buffering=_WRITE_BUFFER))
                        for name in ("media.bin", "captions.bin"))
     media_end = text_end = 0
-    for path, captions in entries:
+    for where, raw_path, captions in entries:
+      path = normalise_media_path(anno_file, where, media_key, raw_path)
+      if path != raw_path:
+        respelt.append(len(counts))
+        respelt_digests += hashlib.blake2b(raw_path.encode("utf-8", "surrogatepass"),
+                                           digest_size=16).digest()
+        if len(respelt_examples) < _ALIAS_EXAMPLE_POOL:
+          respelt_examples[len(counts)] = (where, raw_path)
       # surrogatepass: a JSON string may hold a lone surrogate ("\ud800"); it round-trips.
       data = path.encode("utf-8", "surrogatepass")
       media_f.write(data)
@@ -435,15 +500,51 @@ def _build(folder: str, anno_file: str, identity: dict, kind: str, paragraph: bo
   vid2txt_offsets = np.zeros(num_videos + 1, np.int64)
   np.cumsum(np.bincount(pair_video, minlength=num_videos), out=vid2txt_offsets[1:])
   arrays["vid2txt_offsets"] = vid2txt_offsets
+  aliased, examples = _aliases(entry_video, media_entries, num_videos, respelt,
+                               respelt_digests, respelt_examples)
   for name, value in arrays.items():
     np.save(os.path.join(folder, name + ".npy"), np.ascontiguousarray(value).astype(
         value.dtype.newbyteorder("<"), copy=False))
   info = dict(identity, format=FORMAT, anno_file=anno_file, kind=kind, paragraph=paragraph,
               num_entries=num_entries, num_pairs=num_pairs, num_videos=num_videos,
-              sqlite=is_sqlite(anno_file), build_id=uuid.uuid4().hex)
+              sqlite=is_sqlite(anno_file), build_id=uuid.uuid4().hex,
+              respelt_entries=len(respelt), aliased_videos=aliased, alias_examples=examples)
   with open(os.path.join(folder, INFO_FILE), "w") as f:
     json.dump(info, f, indent=1)
   return info
+
+
+_ALIAS_EXAMPLE_POOL = 1000  # respelt entries remembered by name for the warning's examples
+_ALIAS_EXAMPLES = 3  # examples the warning shows
+
+
+def _aliases(entry_video: np.ndarray, media_entries: np.ndarray, num_videos: int,
+             respelt: array, respelt_digests: bytearray, examples: dict) -> tuple[int, list]:
+  """How many videos are named by more than one spelling of their path, and a few
+  examples (`entry 7: 'videos/./x' is entry 3's video 'videos/x'`).
+
+  A spelling is the path as written; every entry not in `respelt` is written in normal
+  form. Only the respelt entries' digests are held, so a file written in normal form
+  costs nothing here.
+  """
+  if not len(respelt):
+    return 0, []
+  flagged = np.frombuffer(respelt, np.int64)
+  plain = np.ones(len(entry_video), bool)
+  plain[flagged] = False
+  spellings = np.bincount(entry_video[plain], minlength=num_videos).clip(max=1)
+  raw = np.frombuffer(respelt_digests, np.uint64).reshape(-1, 2)
+  rows = np.unique(np.column_stack([entry_video[flagged].astype(np.uint64), raw]), axis=0)
+  spellings += np.bincount(rows[:, 0].astype(np.int64), minlength=num_videos)
+  is_aliased = spellings > 1
+  shown = []
+  for entry, (where, raw_path) in examples.items():
+    video = int(entry_video[entry])
+    if is_aliased[video] and len(shown) < _ALIAS_EXAMPLES:
+      first = int(media_entries[video])
+      shown.append(f"{where}: {raw_path!r:.120} is {posixpath.normpath(raw_path)!r:.120}, "
+                   f"the video first named by entry {first}")
+  return int(is_aliased.sum()), shown
 
 
 def cache_root(cache_dir: str | None = None) -> str:

@@ -11,8 +11,13 @@ The video index (`idx`) of an entry is the index of its video (or image) among t
 distinct videos of the file, in order of first appearance. Two training pairs with the
 same index are positives for each other in the contrastive loss.
 
-The whole file is validated before any work starts: a missing key, a wrong type or a
-missing media root raises `AnnotationError` naming the file and the entry index.
+The whole file is validated before any work starts: a missing key, a wrong type, a media
+path outside the media root (absolute, or climbing out with `..`), JSON nested deeper than
+any entry can be, or a missing media root raises `AnnotationError` (a `t2v2t_jax.errors.
+Refusal`) naming the file and the entry index. Media paths are kept in normal form
+(`videos/./x` is `videos/x`); a file that names one video by several spellings is warned
+about. `shared_videos` finds the media files two corpora share (the training videos an
+evaluation would score).
 
 A corpus is not held in Python lists: the file is indexed once per host into flat
 arrays on local disk (`annotation_index`), from which each process reads what it looks
@@ -25,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
@@ -115,6 +121,51 @@ def _check_media_root(anno_file: str, media_root: str, corpus_media) -> None:
                           f"(entry 0 refers to {corpus_media[0]!r})")
 
 
+def _warn_aliases(anno_file: str, info: dict) -> None:
+  """Says when a file names one video by several spellings of its path (`videos/x`,
+  `videos/./x`): they are counted as one video, which is right, but the file was likely
+  assembled from sources that disagree, which is worth a look. A warning, not an error:
+  the index is correct either way."""
+  aliased = info.get("aliased_videos", 0)
+  if aliased:
+    examples = "; ".join(info.get("alias_examples", []))
+    videos = "1 video is" if aliased == 1 else f"{aliased:,} videos are"
+    sys.stderr.write(f"WARNING: {anno_file}: {videos} named by more than one "
+                     f"spelling of its path ({info.get('respelt_entries', 0):,} entries not "
+                     f"in normal form), each counted as one video (e.g. {examples})\n")
+
+
+def shared_videos(a: Corpus, b: Corpus, limit: int = 3) -> tuple[int, list[str]]:
+  """How many of `b`'s distinct media files are also media files of `a`, and the first
+  `limit` of them (as paths under `b`'s media root).
+
+  Files are compared by the real path of their media root joined with their normalised
+  path, so two corpora whose roots are the same folder (or one inside the other) are
+  compared file by file; corpora with unrelated roots share nothing and cost nothing.
+  `b` is read whole into a set (the eval side, usually the small one), `a` is streamed.
+  """
+  if a.kind != b.kind:
+    return 0, []
+  root_a, root_b = os.path.realpath(a.media_root), os.path.realpath(b.media_root)
+  common = os.path.commonpath([root_a, root_b])
+  if common not in (root_a, root_b):
+    return 0, []
+  prefix_a = os.path.relpath(root_a, common).replace(os.sep, "/")
+  prefix_b = os.path.relpath(root_b, common).replace(os.sep, "/")
+
+  def under_common(prefix: str, path: str) -> str:
+    return path if prefix == "." else f"{prefix}/{path}"
+
+  wanted = {under_common(prefix_b, p): p for p in b.media}
+  found = set()
+  for path in a.media:
+    key = under_common(prefix_a, path)
+    if key in wanted:
+      found.add(key)
+  shown = [wanted[k] for k in sorted(found)[:limit]]
+  return len(found), shown
+
+
 def load_corpus(anno_file: str, media_root: str, *, kind: str = "video",
                 paragraph: bool = False, name: str | None = None,
                 cache_dir: str | None = None) -> Corpus:
@@ -139,6 +190,7 @@ def load_corpus(anno_file: str, media_root: str, *, kind: str = "video",
   index = annotation_index.open_index(anno_file, kind=kind, paragraph=paragraph,
                                       identity=identity, cache_dir=cache_dir)
   _check_media_root(anno_file, media_root, index.media)
+  _warn_aliases(anno_file, index.info)
   corpus = Corpus(name=name or annotation_index.default_name(anno_file), anno_file=anno_file,
                   media_root=media_root, kind=kind, index=index)
   _cache[key] = corpus

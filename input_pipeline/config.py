@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from t2v2t_jax.errors import Refusal
+
 CORPUS_KINDS = ("video", "image")
 DATA_SOURCES = ("raw", "prepared")
 
@@ -80,7 +82,7 @@ def corpus_config(name: str, anno_file: str, media_root: str, *, kind: str = "vi
       DiDeMo and ActivityNet in SPEC 6); None: the data config's `prepare_short_side`.
   """
   if kind not in CORPUS_KINDS:
-    raise ValueError(f"corpus {name!r}: kind={kind!r} is not one of {CORPUS_KINDS}")
+    raise Refusal(f"corpus {name!r}: kind={kind!r} is not one of {CORPUS_KINDS}")
   c = ml_collections.ConfigDict()
   c.name = name
   c.anno_file = anno_file
@@ -123,7 +125,7 @@ def data_config() -> ml_collections.ConfigDict:
 def check_source(source: str) -> str:
   """`source` if it is one of `DATA_SOURCES`, else a ValueError naming the choices."""
   if source not in DATA_SOURCES:
-    raise ValueError(f"data.source={source!r} is not one of {DATA_SOURCES}")
+    raise Refusal(f"data.source={source!r} is not one of {DATA_SOURCES}")
   return source
 
 

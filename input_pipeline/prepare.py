@@ -64,6 +64,7 @@ from input_pipeline import bad_data, transforms, video_decode
 from input_pipeline import prepared_source as ps
 from input_pipeline.annotations import Corpus, load_corpus_from_config
 from input_pipeline.config import corpus_field
+from t2v2t_jax.errors import Refusal, one_line
 
 TMP_DIR = "prepare_tmp"
 FAILED_FILE = "FAILED"  # in a host's temporary folder: that host stopped with an error
@@ -82,13 +83,13 @@ class Settings:
 
   def __post_init__(self):
     if self.fps < 0:
-      raise ValueError(f"prepare fps must be >= 0 (0 keeps every frame), got {self.fps}")
+      raise Refusal(f"prepare fps must be >= 0 (0 keeps every frame), got {self.fps}")
     if self.short_side < 0:
-      raise ValueError(f"prepare short_side must be >= 0 (0 keeps the size), got {self.short_side}")
+      raise Refusal(f"prepare short_side must be >= 0 (0 keeps the size), got {self.short_side}")
     if not 1 <= self.jpeg_quality <= 95:
-      raise ValueError(f"prepare jpeg_quality must be in [1, 95], got {self.jpeg_quality}")
+      raise Refusal(f"prepare jpeg_quality must be in [1, 95], got {self.jpeg_quality}")
     if self.max_seconds is not None and self.max_seconds <= 0:
-      raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+      raise Refusal(f"max_seconds must be positive, got {self.max_seconds}")
 
   def to_json(self) -> dict:
     return {"kind": self.kind, "fps": float(self.fps), "short_side": int(self.short_side),
@@ -487,7 +488,7 @@ def _check_plan(old: dict, new: dict, directory: str) -> None:
     if old.get("settings", {}).get(key) != value:
       diffs.append(f"{key} {old.get('settings', {}).get(key)!r} there, {value!r} now")
   if diffs:
-    raise ValueError(f"{directory} already holds a prepare of corpus {old.get('corpus')!r} "
+    raise Refusal(f"{directory} already holds a prepare of corpus {old.get('corpus')!r} "
                      f"with other settings or videos ({'; '.join(diffs)}). Delete that folder "
                      f"or set data.prepared_dir to another folder.")
 
@@ -517,11 +518,11 @@ def prepare_corpus(corpus: Corpus, prepared_dir: str, settings: Settings, *,
   Raises `PrepareInterrupted` when a worker dies or another host stopped (rerun to resume).
   """
   if settings.kind != corpus.kind:
-    raise ValueError(f"settings kind {settings.kind!r} != corpus kind {corpus.kind!r}")
+    raise Refusal(f"settings kind {settings.kind!r} != corpus kind {corpus.kind!r}")
   if shard_size < 1:
-    raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    raise Refusal(f"shard_size must be >= 1, got {shard_size}")
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not within [0, {process_count})")
+    raise Refusal(f"process_index {process_index} is not within [0, {process_count})")
   directory = ps.corpus_dir(prepared_dir, corpus.name)
   name = ps.tfds_name(corpus.name)
   plan = _plan(corpus, settings, shard_size, name)
@@ -662,12 +663,12 @@ def config_corpora(data_cfg) -> list:
     name = corpus_field(corpus_cfg, "name")
     if name in seen:
       if corpus_field(seen[name], "anno_file") != corpus_field(corpus_cfg, "anno_file"):
-        raise ValueError(f"two corpora are named {name!r} ({corpus_field(seen[name], 'anno_file')}, "
+        raise Refusal(f"two corpora are named {name!r} ({corpus_field(seen[name], 'anno_file')}, "
                          f"{corpus_field(corpus_cfg, 'anno_file')}): prepared folders are per name")
       continue
     seen[name] = corpus_cfg
   if not seen:
-    raise ValueError("the config names no corpus (data.train_corpora and data.eval_corpora are empty)")
+    raise Refusal("the config names no corpus (data.train_corpora and data.eval_corpora are empty)")
   return list(seen.values())
 
 
@@ -676,7 +677,7 @@ def check_config(data_cfg) -> list[tuple[Any, Corpus, Settings]]:
   what `data.prepared_dir` already holds) before any work; returns (corpus config,
   corpus, settings) per corpus."""
   if not data_cfg.get("prepared_dir"):
-    raise ValueError("data.prepared_dir is not set: where should the prepared shards go?")
+    raise Refusal("data.prepared_dir is not set: where should the prepared shards go?")
   out = []
   for corpus_cfg in config_corpora(data_cfg):
     corpus, settings = load_corpus_from_config(corpus_cfg), settings_for(corpus_cfg, data_cfg)
@@ -725,14 +726,21 @@ def main(argv=None) -> None:
                            "into the same shared --out (e.g. $SLURM_PROCID)")
   parser.add_argument("--process-count", type=int, default=1, help="e.g. $SLURM_NTASKS")
   args = parser.parse_args(argv)
-  corpus = load_corpus(args.anno_file, args.media_root, kind=args.kind, name=args.name)
-  settings = Settings(kind=args.kind, fps=args.fps, short_side=args.short_side,
-                      max_seconds=args.max_seconds, jpeg_quality=args.jpeg_quality)
+  # A refusal (a bad annotation file, a setting out of range, a prepared folder of another
+  # corpus) is one line and status 2; an interruption is one line and status 1 (rerun to
+  # resume); anything else is a bug and keeps its traceback.
   try:
+    corpus = load_corpus(args.anno_file, args.media_root, kind=args.kind, name=args.name)
+    settings = Settings(kind=args.kind, fps=args.fps, short_side=args.short_side,
+                        max_seconds=args.max_seconds, jpeg_quality=args.jpeg_quality)
     prepare_corpus(corpus, args.out, settings, shard_size=args.shard_size, workers=args.workers,
                    process_index=args.process_index, process_count=args.process_count)
   except PrepareInterrupted as e:
-    sys.exit(f"interrupted: {e}")
+    sys.stderr.write(f"FATAL: interrupted: {one_line(e)}\n")
+    sys.exit(1)
+  except (ValueError, FileNotFoundError) as e:  # Refusal is a ValueError
+    sys.stderr.write(f"FATAL: {one_line(e)}\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

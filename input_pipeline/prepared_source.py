@@ -50,6 +50,7 @@ from PIL import Image
 
 from input_pipeline import bad_data
 from input_pipeline.frame_sampling import sample_frame_indices
+from t2v2t_jax.errors import Refusal
 
 VERSION = "1.0.0"
 SPLIT = "videos"
@@ -183,8 +184,8 @@ def check_prepared(corpus, prepared_dir: str, max_seconds: float | None = None) 
     done = (sum(name.endswith(".json") for name in os.listdir(shard_dir))
             if os.path.isdir(shard_dir) else 0)
     total = read_json(plan_path)["num_shards"] if os.path.isfile(plan_path) else "?"
-    raise ValueError(f"the prepare of corpus {corpus.name!r} in {directory} is unfinished "
-                     f"({done} of {total} shards): rerun the prepare command to finish it")
+    raise Refusal(f"the prepare of corpus {corpus.name!r} in {directory} is unfinished "
+                  f"({done} of {total} shards): rerun the prepare command to finish it")
   info = read_json(info_path)
   problems = []
   if info.get("format") != FORMAT:
@@ -201,8 +202,8 @@ def check_prepared(corpus, prepared_dir: str, max_seconds: float | None = None) 
     problems.append(f"frames trimmed to the first {stored_max} s, the corpus reads "
                     f"{'all' if max_seconds is None else f'the first {max_seconds} s'}")
   if problems:
-    raise ValueError(f"the prepared corpus {directory} does not fit corpus {corpus.name!r}: "
-                     + "; ".join(problems) + f". Prepare it again ({PREPARE_HELP}).")
+    raise Refusal(f"the prepared corpus {directory} does not fit corpus {corpus.name!r}: "
+                  + "; ".join(problems) + f". Prepare it again ({PREPARE_HELP}).")
   return info
 
 

@@ -38,6 +38,7 @@ CLI: python -m input_pipeline.synthetic --out DIR --num-train 800 --num-val 100 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
@@ -552,8 +553,12 @@ def _run_jobs(jobs, workers: int | None, progress: bool) -> None:
       report()
     return
   # spawn, not fork: the caller may have started threads (JAX, Grain) that fork would copy.
-  with multiprocessing.get_context("spawn").Pool(workers) as pool:
-    for _ in pool.imap_unordered(_render_and_write, jobs, chunksize=8):
+  # An executor, not multiprocessing.Pool: a worker that dies (killed, out of memory) makes
+  # the executor raise BrokenProcessPool, where a Pool silently loses the worker's tasks
+  # and waits for their results forever.
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    for _ in pool.map(_render_and_write, jobs, chunksize=8):
       done += 1
       report()
 

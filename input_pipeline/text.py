@@ -1,7 +1,13 @@
 """Caption cleaning and BERT tokenization (SPEC 2).
 
 Sequence layout: `[CLS] + tokens` with no `[SEP]` (VindLU), optionally `[SEP]` at the
-end; padded with id 0 and truncated to `max_len`; attention mask 1 on real tokens.
+end; padded with the vocabulary's `[PAD]` (id 0 in BERT's) and truncated to `max_len`;
+attention mask 1 on real tokens.
+
+A vocabulary is refused (`errors.Refusal`, naming the file and the token) unless it holds
+each of BERT's special tokens: transformers would otherwise append a missing one past the
+end of the vocabulary, an id the model's pretrained embedding never trained (or has no
+row for), and MLM masking, padding and [CLS] pooling would silently use it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,13 @@ from typing import Sequence
 
 import numpy as np
 
-PAD_ID = 0  # BERT's [PAD]; SPEC 2 pads with id 0
+from t2v2t_jax.errors import Refusal
+
+PAD_ID = 0  # BERT's [PAD]; SPEC 2 pads with id 0 (the encoder uses the vocabulary's own)
+# Every one is used: [CLS] starts each text, [PAD] fills it, [MASK] and [PAD] drive MLM
+# masking, [UNK] stands for unknown words, [SEP] ends a text with `add_sep`.
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 _REMOVED_CHARS = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACED_CHARS = re.compile(r"[-/]")
@@ -39,17 +51,34 @@ def load_tokenizer(name_or_path: str):
   from transformers import BertTokenizer  # pylint: disable=g-import-not-at-top
   name_or_path = _local_copy(name_or_path)
   if os.path.isfile(name_or_path):
-    tokenizer = BertTokenizer(vocab=name_or_path, do_lower_case=True)
+    tokenizer = _from_vocab_file(BertTokenizer, name_or_path)
   elif os.path.isdir(name_or_path):
     vocab = os.path.join(name_or_path, "vocab.txt")
     if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")) or not os.path.isfile(vocab):
       tokenizer = BertTokenizer.from_pretrained(name_or_path, do_lower_case=True)
     else:
-      tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+      tokenizer = _from_vocab_file(BertTokenizer, vocab)
   else:
     tokenizer = BertTokenizer.from_pretrained(name_or_path, do_lower_case=True)
   check_tokenizer(tokenizer, name_or_path)
   return tokenizer
+
+
+def _from_vocab_file(tokenizer_class, path: str):
+  """A tokenizer of a WordPiece vocab file (one token a line), its bytes checked first:
+  the tokenizers library's own error for a bad byte names neither the file nor where."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise Refusal(f"{path}: not valid UTF-8 (byte {e.start}, line {line}: {e.reason}); a "
+                  "vocab file is UTF-8 text, one token a line") from None
+  try:
+    return tokenizer_class(vocab=path, do_lower_case=True)
+  except Exception as e:  # noqa: BLE001 (the library raises a bare Exception for bad files)
+    raise Refusal(f"{path}: cannot be read as a WordPiece vocab file ({e})") from e
 
 
 def _local_copy(name_or_path: str) -> str:
@@ -70,21 +99,32 @@ def _local_copy(name_or_path: str) -> str:
 
 
 def check_tokenizer(tokenizer, source: str = "tokenizer") -> None:
-  """Raises if the tokenizer lost its vocabulary (every word -> [UNK]) or lacks [CLS]."""
+  """Raises `Refusal` if the tokenizer lost its vocabulary (every word -> [UNK]) or its
+  vocabulary lacks one of BERT's special tokens (`SPECIAL_TOKENS`)."""
+  # First the special tokens: without [UNK] the word check below means nothing. A token
+  # transformers added because the vocabulary lacked it has an id past the vocabulary
+  # (`vocab_size` counts the vocabulary's own tokens only).
+  base_size = tokenizer.vocab_size
+  for attr, expected in SPECIAL_TOKENS.items():
+    token = getattr(tokenizer, attr, None)
+    token_id = getattr(tokenizer, attr + "_id", None)
+    if token is None or token_id is None or not 0 <= token_id < base_size:
+      raise Refusal(f"{source}: the vocabulary has no {token or expected} token ({attr}; "
+                    f"{base_size} tokens): a BERT vocabulary holds each of "
+                    f"{', '.join(SPECIAL_TOKENS.values())}; use the vocab file of the "
+                    "pretrained text model")
   vocab = tokenizer.get_vocab()
   specials = set(tokenizer.all_special_tokens)
   word = "the" if "the" in vocab else next(
       (w for w in sorted(vocab, key=vocab.get) if w.isalpha() and w not in specials), None)
   if word is None:
-    raise ValueError(f"Tokenizer from {source!r} has no ordinary words in its vocabulary "
-                     f"({len(vocab)} entries): was the vocab file read? Load a vocab file "
-                     f"with BertTokenizer(vocab=path), not vocab_file=.")
+    raise Refusal(f"{source}: the tokenizer has no ordinary words in its vocabulary "
+                  f"({len(vocab)} entries): was the vocab file read? Load a vocab file "
+                  f"with BertTokenizer(vocab=path), not vocab_file=.")
   ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(word))
   if ids == [tokenizer.unk_token_id] or tokenizer.unk_token_id in ids:
-    raise ValueError(f"Tokenizer from {source!r} maps the vocabulary word {word!r} to [UNK]: "
-                     f"the vocabulary was not loaded.")
-  if tokenizer.cls_token_id is None or tokenizer.cls_token_id == tokenizer.unk_token_id:
-    raise ValueError(f"Tokenizer from {source!r} has no [CLS] token.")
+    raise Refusal(f"{source}: the tokenizer maps the vocabulary word {word!r} to [UNK]: "
+                  f"the vocabulary was not loaded.")
 
 
 def special_token_ids(tokenizer, model_vocab_size: int) -> dict:
@@ -92,8 +132,8 @@ def special_token_ids(tokenizer, model_vocab_size: int) -> dict:
   has more tokens than the model's word embedding has rows (an id past the table would
   read out of bounds on the device without an error)."""
   if len(tokenizer) > model_vocab_size:
-    raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
-                     f"{model_vocab_size}; raise model.text.vocab_size.")
+    raise Refusal(f"model.text.vocab_size={model_vocab_size} is smaller than the tokenizer's "
+                  f"{len(tokenizer)} tokens; raise model.text.vocab_size.")
   return {"cls": int(tokenizer.cls_token_id), "pad": int(tokenizer.pad_token_id),
           "mask": int(tokenizer.mask_token_id), "vocab_size": int(model_vocab_size)}
 
@@ -104,10 +144,13 @@ class CaptionEncoder:
 
   def __init__(self, tokenizer, max_len: int, add_sep: bool = False):
     if max_len < 2:
-      raise ValueError(f"max_len={max_len} leaves no room for a token after [CLS]")
+      raise Refusal(f"max_len={max_len} leaves no room for a token after [CLS]")
     self.tokenizer = tokenizer
     self.max_len = int(max_len)
     self.add_sep = add_sep
+    # The vocabulary's own [PAD] (check_tokenizer saw it in the vocabulary): MLM masking
+    # leaves out the ids equal to it, so padding must use the same id.
+    self.pad_id = PAD_ID if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
 
   def _layout(self, token_ids: Sequence[int]) -> list[int]:
     room = self.max_len - 1 - int(self.add_sep)
@@ -119,7 +162,7 @@ class CaptionEncoder:
   def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """int32 `input_ids [N, max_len]` and `attention_mask [N, max_len]`."""
     cleaned = [clean_caption(c) for c in captions]
-    input_ids = np.full((len(cleaned), self.max_len), PAD_ID, np.int32)
+    input_ids = np.full((len(cleaned), self.max_len), self.pad_id, np.int32)
     mask = np.zeros((len(cleaned), self.max_len), np.int32)
     if not cleaned:
       return input_ids, mask

@@ -23,6 +23,10 @@ VindLU's retrieval model and its evaluation expect; `pretrain` writes
 otherwise `--drop-t2v` is required (VindLU then scores differently from our model).
 
 torch is needed (the optional extra `convert`).
+
+Input the converter recognises as unusable (a missing or damaged file, a checkpoint that
+does not fit, an output folder that is not empty) ends it with one line, `FATAL: <file>:
+<reason>`, and status 2; a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import argparse
 import os
 import sys
 
+from t2v2t_jax import errors
+from t2v2t_jax.errors import Refusal, one_line
 from t2v2t_jax.recipes import load_recipe
 
 IMPORT_REPORT = "vindlu_import.txt"
@@ -40,6 +46,8 @@ def save_params_checkpoint(directory: str, params_state, *, step: int = 0) -> st
   """Write `{'params': params_state}` as item `state` of a CheckpointManager at `directory`."""
   import orbax.checkpoint as ocp
 
+  from t2v2t_jax.checkpoints import run_checkpoints
+
   directory = os.path.abspath(directory)
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f"{directory} exists and is not empty; choose a new output folder")
@@ -48,6 +56,9 @@ def save_params_checkpoint(directory: str, params_state, *, step: int = 0) -> st
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params_state})))
   manager.wait_until_finished()
   manager.close()
+  # The integrity record a training run writes for each step: `init_from` this folder
+  # checks it as resume does (without one the step would only count as unverified).
+  run_checkpoints.write_integrity(os.path.join(directory, str(step)))
   return directory
 
 
@@ -67,6 +78,9 @@ def vindlu_to_orbax(in_path: str, out_dir: str, *, model_config=None, fusion_mod
     model_config = vindlu_config.infer_model_config(ckpt.state, fusion_mode or "t2v2t")
   elif fusion_mode:
     model_config.fusion.mode = fusion_mode
+  # Keys, dtypes and shapes against the model's abstract shapes: a crafted file is refused
+  # before the model (gigabytes at base size) is built. Cached, so import_vindlu repeats nothing.
+  vindlu.check_vindlu_state(ckpt.state, model_config, source=ckpt.source)
   model = create_model(model_config, seed=seed)
   values, report = vindlu.import_vindlu(ckpt.state, model_config, model=model, source=ckpt.source)
   report.upcast = ckpt.upcast
@@ -90,8 +104,9 @@ def orbax_to_vindlu(ckpt_dir: str, out_path: str, *, naming: str = "finetune",
   from t2v2t_jax.checkpoints.vindlu_keys import VindluCheckpointError
 
   if ckpt_dir.endswith(restore.TORCH_SUFFIXES):
-    raise ValueError(f"{ckpt_dir!r}: export reads one of our checkpoint folders, not a .pth")
-  params = restore.params_from(ckpt_dir, None)
+    raise Refusal(f"{ckpt_dir!r}: export reads one of our checkpoint folders, not a .pth")
+  # With --config, the stored shapes are compared with the model's before anything is read.
+  params = restore.params_from(ckpt_dir, model_config)
   if model_config is not None:
     from t2v2t_jax.checkpoints.params import param_shapes
     from t2v2t_jax.models.t2v2t import abstract_model
@@ -130,7 +145,16 @@ def _parser():
 
 
 def main(argv=None) -> int:
+  """Runs the conversion; a refusal is one `FATAL: <file>: <reason>` line and status 2."""
   args = _parser().parse_args(argv)
+  try:
+    return _convert(args)
+  except errors.anticipated() as e:  # pylint: disable=catching-non-exception (a tuple of types)
+    print(f"FATAL: {one_line(e)}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _convert(args) -> int:
   model_config = load_recipe(args.config).model if args.config else None
   if args.to == "vindlu":
     if len(args.paths) != 2:

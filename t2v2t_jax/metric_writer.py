@@ -5,6 +5,11 @@ Training writes its losses here and evaluation its retrieval results, into the s
 runs log once. Locally each row is flushed as it is written; with the workdir on GCS
 (`storage.py`), where objects cannot be appended to, both files are uploaded whole every
 `flush_secs` and at `close`.
+
+A run resumed from step S redoes the steps after S: `MetricWriter(workdir, resume_step=S)`
+first drops the rows of those steps from `metrics.jsonl` (and any line a crash cut
+short), and TensorBoard is given `purge_step=S + 1`, so that it drops the earlier event
+files' points from that step on. Each redone step then has one row, not two.
 """
 
 from __future__ import annotations
@@ -58,8 +63,35 @@ def _scalar(v):
   return float(v) if v.size == 1 else None
 
 
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites the JSONL log `path` without its rows of steps after `step`, and without
+  lines that do not parse (a row cut short by a crash would otherwise be glued to the next
+  one). Returns how many lines were dropped; the file is rewritten whole (atomically, also
+  on GCS) only if there are any."""
+  if not storage.exists(path):
+    return 0
+  kept, dropped = [], 0
+  for line in storage.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+      later = isinstance(row, dict) and isinstance(row.get("step"), (int, float)) \
+          and row["step"] > step
+    except ValueError:
+      later = True
+    if later or not line.strip():
+      dropped += 1
+    else:
+      kept.append(line + "\n")
+  if dropped:
+    storage.write_text(path, "".join(kept))
+  return dropped
+
+
 class MetricWriter:
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None,
+               resume_step: int | None = None):
+    """`resume_step`: the step a resumed run continues from; the rows of later steps (to
+    be redone) are replaced, not duplicated."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._jsonl = None
@@ -67,9 +99,14 @@ class MetricWriter:
       storage.makedirs(workdir)
       from tensorboardX import SummaryWriter  # protobuf only, no TensorFlow
       _register_gcs_writer()
-      self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), flush_secs=FLUSH_SECS)
-      self._jsonl = storage.AppendableText(storage.join(workdir, "metrics.jsonl"),
-                                           flush_secs=FLUSH_SECS)
+      jsonl = storage.join(workdir, "metrics.jsonl")
+      purge = None
+      if resume_step is not None:
+        drop_rows_after(jsonl, resume_step)
+        purge = int(resume_step) + 1  # TensorBoard drops points at steps >= purge_step
+      self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), flush_secs=FLUSH_SECS,
+                               purge_step=purge)
+      self._jsonl = storage.AppendableText(jsonl, flush_secs=FLUSH_SECS)
 
   def write(self, step: int, metrics: dict, *, prefix: str = ""):
     if not self.enabled:

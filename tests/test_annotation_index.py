@@ -287,3 +287,75 @@ def test_index_of_a_deleted_file_is_pruned(tmp_path):
   kept = annotation_index.open_index(write_json(tmp_path / "kept.json",
                                                 [{"video": "a.mp4", "caption": "x"}]))
   assert index_folders() == [os.path.basename(kept.directory)]
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals of crafted files (issue #25): each names the file and the entry.
+
+
+@pytest.mark.parametrize("text, entry", [
+    ("[" + "[" * 50_000 + "]" * 50_000 + "]", 0),  # 100 KB of brackets
+    ('[{"video": "a", "caption": "x"}, {"video": "b", "caption": ' + "[" * 50_000
+     + "]" * 50_000 + "}]", 1),
+    ('{"a": ' * 50_000 + "1" + "}" * 50_000, 0),  # not even a list
+])
+@pytest.mark.parametrize("chunk", [4096, 1 << 22])  # cut mid-entry, or read whole
+def test_deeply_nested_json_is_refused_not_a_recursion_error(tmp_path, monkeypatch, text, entry,
+                                                             chunk):
+  monkeypatch.setattr(annotation_index, "_CHUNK", chunk)
+  anno = tmp_path / "deep.json"
+  anno.write_text(text)
+  with pytest.raises(AnnotationError, match=rf"^{anno}: entry {entry}: nested too deeply"):
+    load_corpus(str(anno), str(tmp_path))
+
+
+def test_not_utf8_names_the_file_and_the_byte(tmp_path):
+  anno = tmp_path / "bytes.json"
+  anno.write_bytes(b'[{"video": "a", "caption": "ok"},\n {"video": "b", "caption": "\xff"}]')
+  with pytest.raises(AnnotationError, match=rf"^{anno}: not valid UTF-8 \(near byte 62: "):
+    load_corpus(str(anno), str(tmp_path))
+  db = write_sqlite(tmp_path / "bytes.sqlite.db", [("a.mp4", "x"), ("b.mp4", "y")])
+  with sqlite3.connect(db) as con:  # a TEXT value that is not UTF-8, as a C program may write
+    con.execute("UPDATE annos SET caption = CAST(? AS TEXT) WHERE id = 1", (b"caf\xe9",))
+  with pytest.raises(AnnotationError, match=rf"^{db}: entry 1: SQLite read failed .*UTF-8"):
+    load_corpus(db, str(tmp_path))
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/etc/passwd", "is an absolute path"),
+    ("../secret.mp4", "leads outside the media root"),
+    ("videos/../../secret.mp4", r"leads outside the media root \(it resolves to '../secret.mp4'\)"),
+    ("videos/..", "names the media root itself"),
+    ("a\x00b.mp4", "NUL character"),
+])
+def test_media_paths_must_stay_inside_the_media_root(tmp_path, path, words):
+  anno = write_json(tmp_path / "escape.json", [{"video": "ok.mp4", "caption": "x"},
+                                               {"video": path, "caption": "y"}])
+  with pytest.raises(AnnotationError, match=rf"^{anno}: entry 1: 'video' .*{words}"):
+    load_corpus(anno, str(tmp_path))
+  db = write_sqlite(tmp_path / "escape.sqlite.db", [("ok.mp4", "x"), (path, "y")], ids=[3, 7])
+  with pytest.raises(AnnotationError, match=rf"^{db}: entry 1 \(id 7\): 'video' .*{words}"):
+    load_corpus(db, str(tmp_path))
+
+
+def test_spellings_of_one_path_are_one_video_and_counted(tmp_path):
+  entries = [{"video": "videos/x.mp4", "caption": "a"}, {"video": "videos/./x.mp4", "caption": "b"},
+             {"video": "./y.mp4", "caption": "c"}, {"video": "./y.mp4", "caption": "d"},
+             {"video": "videos//x.mp4", "caption": "e"}, {"video": "z/../z.mp4", "caption": "f"}]
+  corpus = load_corpus(write_json(tmp_path / "alias.json", entries), str(tmp_path))
+  assert list(corpus.media) == ["videos/x.mp4", "y.mp4", "z.mp4"]
+  np.testing.assert_array_equal(corpus.pair_video, [0, 0, 1, 1, 0, 2])
+  assert [list(v) for v in corpus.vid2txt] == [[0, 1, 4], [2, 3], [5]]
+  info = corpus.index.info
+  # x is named three ways; y only ever as './y.mp4' and z only one way: not aliases.
+  assert info["aliased_videos"] == 1 and info["respelt_entries"] == 5
+  assert info["alias_examples"] == [
+      "entry 1: 'videos/./x.mp4' is 'videos/x.mp4', the video first named by entry 0",
+      "entry 4: 'videos//x.mp4' is 'videos/x.mp4', the video first named by entry 0"]
+  plain = load_corpus(write_json(tmp_path / "plain.json", entries[:1] * 3), str(tmp_path))
+  assert plain.index.info["aliased_videos"] == 0 and plain.index.info["alias_examples"] == []
+
+
+def test_annotation_error_is_a_refusal():
+  from t2v2t_jax.errors import Refusal  # noqa: PLC0415
+  assert issubclass(AnnotationError, Refusal) and issubclass(AnnotationError, ValueError)

@@ -135,3 +135,57 @@ def test_unchanged_file_is_read_once_per_process(tmp_path, monkeypatch):
   for _ in range(2):
     with pytest.raises(AnnotationError, match="not valid JSON"):
       load_corpus(anno, str(tmp_path))
+
+
+def test_one_video_named_two_ways_is_warned_about_once(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv(annotation_index.CACHE_ENV, str(tmp_path / "cache"))
+  anno = write(tmp_path, [{"video": "videos/x.mp4", "caption": "one"},
+                          {"video": "videos/./x.mp4", "caption": "two"}])
+  corpus = load_corpus(anno, str(tmp_path))
+  assert corpus.num_videos == 1 and list(corpus.media) == ["videos/x.mp4"]
+  err = capsys.readouterr().err
+  assert err.startswith(f"WARNING: {anno}: 1 video is named by more than one spelling")
+  assert "entry 1: 'videos/./x.mp4' is 'videos/x.mp4'" in err and len(err.splitlines()) == 1
+  assert load_corpus(anno, str(tmp_path)) is corpus and capsys.readouterr().err == ""
+  load_corpus(write(tmp_path, [{"video": "x.mp4", "caption": "a"}] * 2, "plain.json"),
+              str(tmp_path))
+  assert capsys.readouterr().err == ""  # one spelling, repeated: nothing to say
+
+
+def test_shared_videos_by_file_not_by_spelling(tmp_path):
+  videos = tmp_path / "videos"
+  (videos / "msrvtt").mkdir(parents=True)
+  (tmp_path / "other").mkdir()
+  train = load_corpus(write(tmp_path, [{"video": f"msrvtt/v{i}.mp4", "caption": "c"}
+                                       for i in range(6)], "train.json"), str(videos))
+  same_root = load_corpus(write(tmp_path, [{"video": "msrvtt/v4.mp4", "caption": "c"},
+                                           {"video": "msrvtt/./v1.mp4", "caption": "c"},
+                                           {"video": "msrvtt/v9.mp4", "caption": "c"}],
+                                "test.json"), str(videos))
+  assert annotations.shared_videos(train, same_root) == (2, ["msrvtt/v1.mp4", "msrvtt/v4.mp4"])
+  # The eval corpus's root is a folder inside the training corpus's: the same files.
+  nested = load_corpus(write(tmp_path, [{"video": "v2.mp4", "caption": "c"},
+                                        {"video": "v7.mp4", "caption": "c"}], "nested.json"),
+                       str(videos / "msrvtt"))
+  assert annotations.shared_videos(train, nested) == (1, ["v2.mp4"])
+  assert annotations.shared_videos(nested, train) == (1, ["msrvtt/v2.mp4"])
+  elsewhere = load_corpus(write(tmp_path, [{"video": "msrvtt/v4.mp4", "caption": "c"}],
+                                "elsewhere.json"), str(tmp_path / "other"))
+  assert annotations.shared_videos(train, elsewhere) == (0, [])
+
+
+def test_train_eval_overlap_is_warned_with_counts(tmp_path, capsys):
+  from t2v2t_jax.training import config_checks  # noqa: PLC0415
+  train = load_corpus_from_config(corpus_config(
+      "train9k", write(tmp_path, [{"video": f"v{i}.mp4", "caption": "c"} for i in range(5)],
+                       "train.json"), str(tmp_path)))
+  test = load_corpus_from_config(corpus_config(
+      "test1k", write(tmp_path, [{"video": f"v{i}.mp4", "caption": "c"} for i in range(3, 9)],
+                      "test.json"), str(tmp_path)))
+  capsys.readouterr()
+  lines = config_checks.warn_train_eval_overlap([train], [test])
+  assert lines == [f"WARNING: eval corpus 'test1k' ({test.anno_file}) shares 2 of its 6 videos "
+                   f"with train corpus 'train9k' ({train.anno_file}), e.g. 'v3.mp4', 'v4.mp4': "
+                   "its retrieval numbers are not held-out numbers"]
+  assert capsys.readouterr().err == lines[0] + "\n"
+  assert config_checks.warn_train_eval_overlap([test], []) == []

@@ -161,7 +161,7 @@ def test_msrvtt_refuses_a_pickle_that_runs_code(tmp_path, capsys):
   pkl = os.path.join(root, "high-quality", "structured-symlinks", "jsfusion_val_caption_idx.pkl")
   with open(pkl, "wb") as f:
     pickle.dump({"video3": Evil()}, f)
-  assert msrvtt.main(["--src", str(src), "--out", str(tmp_path / "anno")]) == 1
+  assert msrvtt.main(["--src", str(src), "--out", str(tmp_path / "anno")]) == 2
   err = capsys.readouterr().err
   assert pkl in err and "only plain data is read" in err
   assert not os.path.exists(tmp_path / "anno" / "msrvtt_ret_test1k.json")
@@ -191,7 +191,7 @@ def test_msrvtt_bad_input_names_file_and_entry(tmp_path, capsys, case):
   else:
     os.makedirs(src)
     expected = [str(src), "MSRVTT_data.json", "MSR_VTT.json"]
-  assert msrvtt.main(["--src", str(src), "--out", str(tmp_path / "anno")]) == 1
+  assert msrvtt.main(["--src", str(src), "--out", str(tmp_path / "anno")]) == 2
   err = capsys.readouterr().err
   for part in expected:
     assert part in err, (part, err)
@@ -211,7 +211,7 @@ def test_missing_videos_listed_up_to_n_and_dropped(tmp_path, capsys):
       {"video": "video0.mp4", "caption": c} for c in MSRVTT_CAPTIONS["video0"]]
   # Every training video missing and dropped: nothing left to write is an error.
   os.remove(videos / "video0.mp4")
-  assert msrvtt.main(args + ["--drop-missing"]) == 1
+  assert msrvtt.main(args + ["--drop-missing"]) == 2
   assert "msrvtt_ret_train9k.json: no entries left" in capsys.readouterr().err
 
 
@@ -281,7 +281,7 @@ def test_didemo_time_order_and_bad_times(tmp_path, capsys):
   entries = read(path)
   entries[1]["times"] = [[4, 2]]
   dump(path, entries)
-  assert didemo.main(["--src", str(src), "--out", str(out_dir), "--order", "time"]) == 1
+  assert didemo.main(["--src", str(src), "--out", str(out_dir), "--order", "time"]) == 2
   err = capsys.readouterr().err
   assert path in err and "entry 1" in err and "'times'" in err
   # File order does not read the times.
@@ -345,9 +345,36 @@ def test_anet_bad_entry_names_file_and_video(tmp_path, capsys):
   bad = {"v_uqiMw7tQ1Cc": {"duration": 5.0, "timestamps": [[0, 1], [1, 2]],
                            "sentences": ["only one"]}}
   dump(path, bad)
-  assert anet.main(["--src", str(src), "--out", str(tmp_path / "anno")]) == 1
+  assert anet.main(["--src", str(src), "--out", str(tmp_path / "anno")]) == 2
   err = capsys.readouterr().err
   assert path in err and "'v_uqiMw7tQ1Cc'" in err and "one [start, end] pair" in err
+
+
+@pytest.mark.parametrize("case", ["deep_json", "id_list_not_utf8", "csv_not_utf8"])
+def test_crafted_files_are_one_fatal_line(tmp_path, capsys, case):
+  """Nesting that would exhaust json's recursion and bytes that are not UTF-8: refused in
+  one line naming the file (and the line), status 2, no traceback."""
+  folder = write_clip4clip(str(tmp_path / "download"))
+  if case == "deep_json":
+    path = os.path.join(folder, "MSRVTT_data.json")
+    with open(path, "w") as f:
+      f.write("[" * 100_000 + "]" * 100_000)
+    expected = [path, "nested more than"]
+  elif case == "id_list_not_utf8":
+    path = os.path.join(folder, "MSRVTT_train.9k.csv")
+    with open(path, "wb") as f:
+      f.write(b"video_id\nvideo2\nvid\xe9o0\n")
+    expected = [path, "line 3: not valid UTF-8"]
+  else:
+    path = os.path.join(folder, "MSRVTT_JSFUSION_test.csv")
+    with open(path, "ab") as f:
+      f.write(b'ret1,msr2,video2,"caf\xe9"\n')
+    expected = [path, "line 3: not valid UTF-8"]
+  assert msrvtt.main(["--src", str(tmp_path / "download"), "--out", str(tmp_path / "anno")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("FATAL: ") and len(err.splitlines()) == 1, err
+  for part in expected:
+    assert part in err, (part, err)
 
 
 # --------------------------------------------------------------------------------------

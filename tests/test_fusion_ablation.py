@@ -8,7 +8,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+# Appended, not first: benchmarks/input_pipeline.py would shadow the input_pipeline package
+# (in this process and in every process it spawns, which inherit sys.path).
+sys.path.append(os.path.join(ROOT, "benchmarks"))
 
 import fusion_ablation  # noqa: E402
 

@@ -100,3 +100,37 @@ def test_synthetic_vocab_tokenizes_its_captions(tmp_path):
   ids, mask = CaptionEncoder(tok, max_len=32)("First a red circle moves left, then it grows")
   assert ids[0] == tok.cls_token_id and tok.unk_token_id not in ids.tolist()
   assert mask.sum() == 10
+
+
+@pytest.mark.parametrize("token", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+def test_vocab_missing_a_special_token_is_refused(tmp_path, token):
+  """transformers would append the missing token past the vocabulary (an id the pretrained
+  embedding never trained) and padding would still write id 0: refused by name."""
+  from t2v2t_jax.errors import Refusal  # noqa: PLC0415
+  path = tmp_path / "vocab.txt"
+  path.write_text("\n".join(w for w in VOCAB if w != token) + "\n")
+  with pytest.raises(Refusal, match=rf"^{path}: the vocabulary has no \{token[:-1]}\] token"):
+    load_tokenizer(str(path))
+  with pytest.raises(Refusal, match=rf"^{tmp_path}: the vocabulary has no"):
+    load_tokenizer(str(tmp_path))  # the folder holding it: the same check
+
+
+def test_vocab_not_utf8_names_the_file_line_and_byte(tmp_path):
+  path = tmp_path / "vocab.txt"
+  path.write_bytes("\n".join(VOCAB[:8]).encode() + b"\ncaf\xe9\n")
+  offset = len("\n".join(VOCAB[:8])) + 4
+  with pytest.raises(ValueError, match=rf"^{path}: not valid UTF-8 \(byte {offset}, line 9: "):
+    load_tokenizer(str(path))
+
+
+def test_padding_uses_the_vocabularys_pad_id(tmp_path):
+  """A vocabulary whose [PAD] is not id 0 pads with its own id (MLM masking skips that
+  id; id 0 would be an ordinary token here)."""
+  moved = VOCAB[1:5] + ["[PAD]"] + VOCAB[5:]
+  path = tmp_path / "vocab.txt"
+  path.write_text("\n".join(moved) + "\n")
+  tok = load_tokenizer(str(path))
+  assert tok.pad_token_id == 4
+  ids, mask = CaptionEncoder(tok, max_len=6)("a cat")
+  assert ids.tolist() == [moved.index("[CLS]"), moved.index("a"), moved.index("cat"), 4, 4, 4]
+  assert mask.tolist() == [1, 1, 1, 0, 0, 0]

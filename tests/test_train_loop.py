@@ -278,6 +278,7 @@ def test_a_paper_size_model_on_the_cpu_is_warned_about():
     ("optimizer.warmup_epochs=1000", "optimizer.warmup_epochs=1000.0 must not exceed optimizer.epochs"),
     ("optimizer.b2=1.5", "optimizer.b2=1.5 is out of range: Adam's second-moment decay must be a finite number in [0, 1)"),
     ("batch_size=5", "batch_size=5 must be a multiple of the 2 devices"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
 ])
 def test_nonsense_settings_are_refused_before_compiling(tmp_path, override, message):
   """Each numeric setting in one line, with its valid range, before any compile or data."""
@@ -292,3 +293,4 @@ def test_nonsense_settings_are_refused_before_compiling(tmp_path, override, mess
   assert len(lines) == 1 and lines[0].startswith("FATAL: ") and message in lines[0], proc.stderr
   assert time.time() - t < 60
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  assert not os.path.exists(tmp_path / "data")  # refused before the synthetic data is written

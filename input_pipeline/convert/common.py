@@ -13,8 +13,9 @@ use. `write_splits` does the rest the same way for all of them:
 - loads every written file back through `annotations.load_corpus`, as a run would, so a
   format mistake fails here and not at the start of a training run.
 
-Bad input raises `ConversionError` naming the file and the entry; the CLIs print it and
-exit with status 1.
+Bad input raises `ConversionError` (a `t2v2t_jax.errors.Refusal`) naming the file and the
+entry; the CLIs print it as one line, `FATAL: <file>: <reason>`, and exit with status 2,
+as `main.py` does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections.abc import Callable, Sequence
 
 import tqdm
 
+from t2v2t_jax.errors import Refusal, one_line
+
 # Containers video downloads come in (DiDeMo's Flickr originals included); a file with
 # another extension is found only by its exact name.
 VIDEO_EXTENSIONS = frozenset({
@@ -38,7 +41,7 @@ VIDEO_EXTENSIONS = frozenset({
     ".wmv", ".flv", ".ogv", ".ts", ".mts", ".m2ts", ".asf", ".divx"})
 
 
-class ConversionError(ValueError):
+class ConversionError(Refusal):
   """Missing or malformed input; the message names the file and the entry."""
 
 
@@ -72,6 +75,29 @@ def read_json(path: str):
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConversionError(f"{path}: not valid JSON ({e})") from e
+  except RecursionError:
+    # json recurses once per nesting level; the official files nest a few levels deep.
+    raise ConversionError(f"{path}: not an annotation file: JSON nested more than "
+                          f"~{sys.getrecursionlimit()} levels deep") from None
+
+
+def _text_lines(path: str, f):
+  """The lines of a text file open as `f`, a bad byte refused with the file and line."""
+  try:
+    yield from enumerate(f, 1)
+  except UnicodeDecodeError:
+    # The text layer decodes ahead in blocks, so where it failed says little: the first
+    # bad byte is found again in the file's bytes (only on this error path).
+    with open(path, "rb") as raw:
+      data = raw.read()
+    try:
+      data.decode("utf-8")
+      reason, start = "a bad byte", 0  # not expected: the text layer found one
+    except UnicodeDecodeError as e:
+      reason, start = e.reason, e.start
+    line = data.count(b"\n", 0, start) + 1
+    raise ConversionError(f"{path}: line {line}: not valid UTF-8 (byte {start}: "
+                          f"{reason})") from None
 
 
 def read_id_list(path: str) -> list[tuple[int, str]]:
@@ -79,7 +105,7 @@ def read_id_list(path: str) -> list[tuple[int, str]]:
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: file not found")
   with open(path, encoding="utf-8") as f:
-    return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    return [(n, line.strip()) for n, line in _text_lines(path, f) if line.strip()]
 
 
 def read_csv(path: str, columns: Sequence[str]) -> list[tuple[int, dict]]:
@@ -87,7 +113,7 @@ def read_csv(path: str, columns: Sequence[str]) -> list[tuple[int, dict]]:
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: file not found")
   with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.DictReader(f)
+    reader = csv.DictReader(line for _, line in _text_lines(path, f))
     header = reader.fieldnames or []
     absent = [c for c in columns if c not in header]
     if absent:
@@ -222,13 +248,15 @@ def add_common_args(parser: argparse.ArgumentParser, videos_help: str) -> None:
 
 def run_main(parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], object],
              argv: Sequence[str] | None) -> int:
-  """Parses `argv`, runs `convert(args)`; prints a `ConversionError` and returns 1."""
+  """Parses `argv`, runs `convert(args)`; a refusal (`ConversionError`, an annotation
+  error, a file that is not there) is printed as one `FATAL:` line and gives 2. Anything
+  else is a converter bug and keeps its traceback."""
   args = parser.parse_args(argv)
   try:
     convert(args)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 1
+  except (Refusal, FileNotFoundError, NotADirectoryError) as e:
+    print(f"FATAL: {one_line(e)}", file=sys.stderr, flush=True)
+    return 2
   return 0
 
 

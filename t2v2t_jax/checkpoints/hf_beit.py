@@ -44,14 +44,17 @@ prefixes and adds its temporal keys.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 
+from t2v2t_jax.checkpoints import weight_rules
 from t2v2t_jax.checkpoints.hf_files import read_hf_checkpoint
 from t2v2t_jax.checkpoints.import_report import ImportReport
 from t2v2t_jax.checkpoints.key_mapping import (KeyMapping, apply_transform, infer_square_grid,
-                                               layer_norm, linear)
+                                               layer_norm, linear, transformed_shape)
 from t2v2t_jax.checkpoints.params import ParamAssignError, assign_into, param_shapes
+from t2v2t_jax.errors import Refusal, capped_list
 
 # ----------------------------------------------------------------------------------------
 # Key map (the VindLU importer reuses it with prefixes).
@@ -164,28 +167,44 @@ def legacy_key(key: str, prefix: str = "") -> str:
 # Config and import.
 # ----------------------------------------------------------------------------------------
 
-def _square(value, name: str) -> int:
+class CheckpointMismatchError(Refusal):
+  """Unexpected source keys, missing source keys, bad weights, a malformed config.json, or
+  an incompatible architecture; the message names the file."""
+
+
+# Bounds on config.json sizes: far above any published BEiT, far below what would make
+# an abstract model or a relative position table expensive.
+_MAX_SIZE = 1 << 16
+
+
+def _square(c: Mapping, name: str, file: str) -> int:
+  value = c.get(name)
   if isinstance(value, (list, tuple)):
     if len(value) != 2 or value[0] != value[1]:
-      raise ValueError(f"BEiT config {name}={value!r}: only square sizes are supported")
-    value = value[0]
-  return int(value)
+      raise CheckpointMismatchError(f"{file}: field {name!r} is {str(value)[:80]}: only "
+                                    "square sizes are supported")
+    c = {name: value[0]}
+  return weight_rules.field(c, name, file, int, minimum=1, maximum=_MAX_SIZE,
+                            error=CheckpointMismatchError)
 
 
-def vision_config_from_hf(hf_config: Mapping) -> dict:
+def vision_config_from_hf(hf_config: Mapping, file: str = "config.json") -> dict:
   """Our `model.vision` architecture fields from a HF BEiT `config.json` dict.
 
   Returns width, depth, num_heads, mlp_dim, patch_size, image_size (the checkpoint's
   training resolution), layer_norm_eps, layer_scale_init. Training choices
-  (drop_path_rate, dropout_rate, num_frames) are left to the recipe. Raises ValueError for
-  BEiT variants this encoder cannot represent.
+  (drop_path_rate, dropout_rate, num_frames) are left to the recipe. Raises
+  CheckpointMismatchError (a ValueError) naming `file` and the field for BEiT variants
+  this encoder cannot represent and for values of the wrong type or range.
   """
   c = hf_config
+  if not isinstance(c, Mapping):
+    raise CheckpointMismatchError(f"{file}: expected a JSON object, got {type(c).__name__}")
   problems = []
   if c.get("model_type", "beit") not in ("beit", "data2vec-vision"):
-    problems.append(f"model_type={c.get('model_type')!r} is not a BEiT")
+    problems.append(f"model_type={str(c.get('model_type'))[:80]!r} is not a BEiT")
   if c.get("hidden_act", "gelu") != "gelu":
-    problems.append(f"hidden_act={c.get('hidden_act')!r} (our FFN uses exact GELU)")
+    problems.append(f"hidden_act={str(c.get('hidden_act'))[:80]!r} (our FFN uses exact GELU)")
   if c.get("use_absolute_position_embeddings", False):
     problems.append("use_absolute_position_embeddings=True (our encoder has none)")
   if not (c.get("use_relative_position_bias", False)
@@ -194,26 +213,30 @@ def vision_config_from_hf(hf_config: Mapping) -> dict:
                     "use_shared_relative_position_bias are both false)")
   if not c.get("use_mean_pooling", True):
     problems.append("use_mean_pooling=False (our pooler is LayerNorm of the patch-token mean)")
-  if c.get("layer_scale_init_value", 0.1) <= 0:
+  scale = weight_rules.field(c, "layer_scale_init_value", file, float, default=0.1,
+                             error=CheckpointMismatchError)
+  if scale <= 0:
     problems.append("layer_scale_init_value <= 0 (no layer scale; ours always has lambdas)")
   if c.get("num_channels", 3) != 3:
-    problems.append(f"num_channels={c.get('num_channels')} (RGB expected)")
+    problems.append(f"num_channels={str(c.get('num_channels'))[:40]} (RGB expected)")
   if problems:
-    raise ValueError("unsupported BEiT config: " + "; ".join(problems))
+    raise CheckpointMismatchError(f"{file}: unsupported BEiT config: " + "; ".join(problems))
+
+  def whole(name):
+    return weight_rules.field(c, name, file, int, minimum=1, maximum=_MAX_SIZE,
+                              error=CheckpointMismatchError)
+
   return dict(
-      width=int(c["hidden_size"]),
-      depth=int(c["num_hidden_layers"]),
-      num_heads=int(c["num_attention_heads"]),
-      mlp_dim=int(c["intermediate_size"]),
-      patch_size=_square(c["patch_size"], "patch_size"),
-      image_size=_square(c["image_size"], "image_size"),
-      layer_norm_eps=float(c.get("layer_norm_eps", 1e-12)),
-      layer_scale_init=float(c.get("layer_scale_init_value", 0.1)),
+      width=whole("hidden_size"),
+      depth=whole("num_hidden_layers"),
+      num_heads=whole("num_attention_heads"),
+      mlp_dim=whole("intermediate_size"),
+      patch_size=_square(c, "patch_size", file),
+      image_size=_square(c, "image_size", file),
+      layer_norm_eps=weight_rules.field(c, "layer_norm_eps", file, float, default=1e-12,
+                                        minimum=0, error=CheckpointMismatchError),
+      layer_scale_init=scale,
   )
-
-
-class CheckpointMismatchError(ValueError):
-  """Unexpected source keys, missing source keys, or an incompatible architecture."""
 
 
 def _dropped_reason(key: str, prefix: str) -> str | None:
@@ -258,6 +281,7 @@ def beit_values(encoder, folder_or_name, *, prefix: str | None = None,
   array}, {our path: source key}, report)`. `encoder` may be abstract (`nnx.eval_shape`:
   only its attributes and parameter shapes are read). Raises as `load_beit_into` does."""
   config, tensors, source = read_hf_checkpoint(folder_or_name)
+  files = dict(getattr(tensors, "files", {}))  # key -> the file (shard) it came from
   tensors = dict(tensors)  # renamed below; the caller's dict stays as it was
   report = ImportReport(kind="BEiT", source=source)
 
@@ -273,10 +297,13 @@ def beit_values(encoder, folder_or_name, *, prefix: str | None = None,
         raise CheckpointMismatchError(f"source has both {k!r} and {new!r}")
       tensors[new] = tensors.pop(k)
       original[new] = k
+      if k in files:
+        files[new] = files[k]
 
   shared = any(k == prefix + SHARED_TABLE_KEY for k in tensors)
   if config is not None:
-    src_cfg = vision_config_from_hf(config)
+    config_file = os.path.join(os.path.dirname(source), "config.json")
+    src_cfg = vision_config_from_hf(config, config_file)
     ours = dict(width=encoder.width, depth=encoder.depth, num_heads=encoder.num_heads,
                 mlp_dim=encoder.mlp_dim, patch_size=encoder.patch_size)
     bad = [f"{k}: checkpoint {src_cfg[k]} vs model {v}" for k, v in ours.items() if src_cfg[k] != v]
@@ -294,6 +321,7 @@ def beit_values(encoder, folder_or_name, *, prefix: str | None = None,
   mapping = beit_key_map(encoder.depth, src_prefix=prefix, shared_relative_position_bias=shared)
   mapped_sources = {m.source for m in mapping}
   name = lambda k: original.get(k, k)  # noqa: E731
+  where = lambda k: weight_rules.named(files.get(k, source), name(k))  # noqa: E731
 
   unexpected, dropped = [], {}
   for k in sorted(tensors):
@@ -303,13 +331,14 @@ def beit_values(encoder, folder_or_name, *, prefix: str | None = None,
     if reason is not None:
       dropped[name(k)] = reason
     else:
-      unexpected.append(name(k))
+      unexpected.append(name(k)[:200])
   missing = [f"{m.source} (for {m.target})" for m in mapping if m.source not in tensors]
   problems = []
   if unexpected:
-    problems.append("unexpected source keys (neither mapped nor dropped): " + ", ".join(unexpected))
+    problems.append(f"{len(unexpected):,} unexpected source keys (neither mapped nor "
+                    f"dropped): " + capped_list(unexpected))
   if missing:
-    problems.append("source keys missing: " + ", ".join(missing))
+    problems.append(f"{len(missing):,} source keys missing: " + capped_list(missing))
   if problems:
     raise CheckpointMismatchError(f"{source} (prefix {prefix!r}): " + "; ".join(problems))
 
@@ -317,13 +346,40 @@ def beit_values(encoder, folder_or_name, *, prefix: str | None = None,
   unmapped = [p for p in shapes if not is_temporal_param(p)
               and p not in {m.target for m in mapping}]
   if unmapped:  # a gap in the key map itself
-    raise CheckpointMismatchError("parameters with no BEiT source: " + ", ".join(unmapped))
+    raise CheckpointMismatchError("parameters with no BEiT source: " + capped_list(unmapped))
+
+  # Weights and shapes, all checked before anything is transformed (a crafted table must
+  # not be resized before its size is compared).
+  checks = weight_rules.WeightChecks()
+  bad_weights, wrong = [], []
+  for m in mapping:
+    src = tensors[m.source]
+    problem = checks.problem(src)
+    if problem:
+      bad_weights.append(f"{where(m.source)} {problem}")
+      continue
+    if m.target not in shapes:
+      raise CheckpointMismatchError(f"{name(m.source)!r} maps to {m.target!r}, which the model lacks")
+    want = tuple(shapes[m.target])
+    try:
+      got = transformed_shape(m.transform, src.shape, target_shape=want, src_grid=src_grid,
+                              dst_grid=encoder.grid)
+    except ValueError as e:
+      got = f"none ({e})"
+    if got != want:  # as `params.assign` words it, but before anything is written
+      wrong.append(f"shape mismatch for {m.target!r} (from source key {where(m.source)}): the "
+                   f"model expects {want}, got {got}")
+  if bad_weights:
+    raise CheckpointMismatchError(f"{source}: {len(dict.fromkeys(bad_weights)):,} source "
+                                  "weight(s) are not finite floating point: "
+                                  + capped_list(dict.fromkeys(bad_weights)))
+  if wrong:
+    raise ParamAssignError(f"cannot assign the parameters of {source}:\n  "
+                           + capped_list(wrong, sep="\n  "))
 
   updates, names = {}, {}
   for m in mapping:
-    src = tensors[m.source]
-    if m.target not in shapes:
-      raise CheckpointMismatchError(f"{name(m.source)!r} maps to {m.target!r}, which the model lacks")
+    src = checks.as_float32(tensors[m.source])
     value = apply_transform(m.transform, src, target_shape=shapes[m.target], src_grid=src_grid,
                             dst_grid=encoder.grid)
     if m.transform == "rel_pos_table" and value.shape != src.shape:
@@ -333,11 +389,6 @@ def beit_values(encoder, folder_or_name, *, prefix: str | None = None,
     updates[m.target] = value
     names[m.target] = name(m.source)
     report.loaded.append((name(m.source), m.target))
-  wrong = [f"shape mismatch for {m!r} (from source key {names[m]!r}): the model expects "
-           f"{shapes[m]}, got {tuple(v.shape)}" for m, v in updates.items()
-           if tuple(v.shape) != tuple(shapes[m])]
-  if wrong:  # as `params.assign` words it, but before anything is written
-    raise ParamAssignError(f"cannot assign the parameters of {source}:\n  " + "\n  ".join(wrong))
   report.dropped = dropped
   report.new = sorted(p for p in shapes if p not in updates)
   return updates, names, report

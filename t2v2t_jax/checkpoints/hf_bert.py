@@ -23,20 +23,26 @@ run does before it builds its model); `load_bert_into` writes them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from t2v2t_jax.checkpoints import weight_rules
 from t2v2t_jax.checkpoints.hf_files import read_hf_checkpoint
 from t2v2t_jax.checkpoints.import_report import ImportReport
 from t2v2t_jax.checkpoints.key_mapping import (REQUIRED, KeyMapping, apply_transform, layer_norm,
-                                               linear)
+                                               linear, transformed_shape)
 from t2v2t_jax.checkpoints.params import assign_into, param_shapes
+from t2v2t_jax.errors import Refusal
 
 TEXT, FUSION = "text_encoder", "fusion_encoder"
+# Bounds on config.json sizes: far above any published BERT, far below what would make an
+# abstract model expensive.
+_MAX_SIZE = 1 << 20
 
 
-class BertImportError(ValueError):
+class BertImportError(Refusal):
   """Missing, unexpected or mismatching weights in a BERT import."""
 
 
@@ -129,10 +135,15 @@ def read_hf_bert(folder_or_name) -> tuple[dict, dict[str, np.ndarray]]:
   return hf_config, state
 
 
+def _config_file(source: str) -> str:
+  return os.path.join(os.path.dirname(source), "config.json")
+
+
 def normalize_source_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Strip the `bert.` prefix (BertForMaskedLM/BertForPreTraining) and rename the old
   TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`; two keys landing on one name is an error."""
-  out = {}
+  out = type(state)() if hasattr(state, "files") else {}
+  files = getattr(state, "files", None)
   for key, value in state.items():
     new = key[len("bert."):] if key.startswith("bert.") else key
     if new.endswith(".gamma"):
@@ -140,39 +151,55 @@ def normalize_source_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     elif new.endswith(".beta"):
       new = new[:-len("beta")] + "bias"
     if new in out:
-      raise BertImportError(f"source keys collide after normalisation: {key!r} -> {new!r}")
+      raise BertImportError(f"source keys collide after normalisation: {key[:200]!r} -> "
+                            f"{new[:200]!r}")
     out[new] = value
+    if files is not None and key in files:
+      out.files[new] = files[key]  # which file each key came from, for messages
   return out
 
 
 # -- config ------------------------------------------------------------------------------------
 
-def text_config_from_hf(hf_config: dict, fusion_layer: int | None) -> dict:
+def text_config_from_hf(hf_config: dict, fusion_layer: int | None,
+                        file: str = "config.json") -> dict:
   """Our `model.text` fields from a Hugging Face BERT config.json.
 
   `fusion_layer=None` leaves that field out (the caller's config keeps its own).
   Attention-probability dropout uses our single `dropout_rate` (= hidden_dropout_prob).
+  A field of the wrong type or range is one BertImportError naming `file` and the field.
   """
-  model_type = hf_config.get("model_type", "bert")
+  if not isinstance(hf_config, Mapping):
+    raise BertImportError(f"{file}: expected a JSON object, got {type(hf_config).__name__}")
+
+  def get(name, kind, default=weight_rules.NO_DEFAULT, **bounds):
+    return weight_rules.field(hf_config, name, file, kind, default=default,
+                              error=BertImportError, **bounds)
+
+  model_type = get("model_type", str, "bert")
   if model_type != "bert":
-    raise BertImportError(f"model_type={model_type!r}: only 'bert' checkpoints are supported")
-  act = hf_config.get("hidden_act", "gelu")
+    raise BertImportError(f"{file}: model_type={model_type[:80]!r}: only 'bert' checkpoints "
+                          "are supported")
+  act = get("hidden_act", str, "gelu")
   if act != "gelu":
-    raise BertImportError(f"hidden_act={act!r}: our BERT layers use exact GELU ('gelu') only")
-  pos = hf_config.get("position_embedding_type", "absolute")
+    raise BertImportError(f"{file}: hidden_act={act[:80]!r}: our BERT layers use exact GELU "
+                          "('gelu') only")
+  pos = get("position_embedding_type", str, "absolute")
   if pos != "absolute":
-    raise BertImportError(f"position_embedding_type={pos!r}: only 'absolute' is supported")
-  num_layers = int(hf_config["num_hidden_layers"])
+    raise BertImportError(f"{file}: position_embedding_type={pos[:80]!r}: only 'absolute' is "
+                          "supported")
+  size = dict(minimum=1, maximum=_MAX_SIZE)
+  num_layers = get("num_hidden_layers", int, minimum=1, maximum=weight_rules.MAX_LAYER_INDEX)
   out = dict(
-      width=int(hf_config["hidden_size"]),
+      width=get("hidden_size", int, **size),
       num_layers=num_layers,
-      num_heads=int(hf_config["num_attention_heads"]),
-      mlp_dim=int(hf_config["intermediate_size"]),
-      vocab_size=int(hf_config["vocab_size"]),
-      max_position=int(hf_config.get("max_position_embeddings", 512)),
-      type_vocab_size=int(hf_config.get("type_vocab_size", 2)),
-      dropout_rate=float(hf_config.get("hidden_dropout_prob", 0.1)),
-      layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
+      num_heads=get("num_attention_heads", int, **size),
+      mlp_dim=get("intermediate_size", int, **size),
+      vocab_size=get("vocab_size", int, **size),
+      max_position=get("max_position_embeddings", int, 512, **size),
+      type_vocab_size=get("type_vocab_size", int, 2, **size),
+      dropout_rate=get("hidden_dropout_prob", float, 0.1, minimum=0, maximum=1),
+      layer_norm_eps=get("layer_norm_eps", float, 1e-12, minimum=0),
   )
   if fusion_layer is not None:
     if not 0 < fusion_layer < num_layers:
@@ -240,18 +267,21 @@ def bert_values(text_encoder, fusion_encoder, folder_or_name
   'fusion_encoder': {path below it: array}}, {our full path: source key}, report)`. The
   encoders may be abstract (`nnx.eval_shape`: only attributes and parameter shapes are
   read). Raises as `load_bert_into` does."""
-  hf_config, raw_state = read_hf_bert(folder_or_name)
+  hf_config, raw_state, weights = read_hf_checkpoint(folder_or_name)
+  if hf_config is None:
+    raise FileNotFoundError(f"no config.json beside {weights}")
+  source = folder_or_name[2] if isinstance(folder_or_name, tuple) else str(folder_or_name)
   state = normalize_source_keys(raw_state)
-  hf_text = text_config_from_hf(hf_config, None)
+  hf_text = text_config_from_hf(hf_config, None, _config_file(weights))
   problems = _check_structure(hf_text, text_encoder, fusion_encoder)
   if problems:
-    raise BertImportError("BERT checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+    raise BertImportError(f"{source}: BERT checkpoint does not fit the model:\n  "
+                          + "\n  ".join(problems))
 
   num_text = len(text_encoder.layers)
   num_fusion = len(fusion_encoder.layers) if fusion_encoder is not None else 0
   has_mlm = any(k.startswith("cls.predictions.") for k in state)
   rules = bert_rules(num_text, num_fusion, cross_attention=fusion_encoder is not None, mlm=has_mlm)
-  source = folder_or_name[2] if isinstance(folder_or_name, tuple) else str(folder_or_name)
   return plan_with_rules({TEXT: text_encoder, FUSION: fusion_encoder}, state, rules,
                          source=source, dropped_prefixes=DROPPED_PREFIXES,
                          tied_keys=TIED_KEYS, expected_new=lambda p: _expected_new(p, has_mlm),
@@ -263,8 +293,10 @@ def _surplus_layers(state: Mapping[str, np.ndarray], num_layers: int) -> dict[st
   out = {}
   for key in state:
     parts = key.split(".")
-    if key.startswith("encoder.layer.") and int(parts[2]) >= num_layers:
-      out[key] = f"layer {parts[2]} >= {num_layers}: no fusion encoder given"
+    # Digits only, and compared by length first: int() of a 5,000-digit name raises.
+    if key.startswith("encoder.layer.") and len(parts) > 3 and parts[2].isdigit() and \
+        (len(parts[2]) > 9 or int(parts[2]) >= num_layers):
+      out[key] = f"layer {parts[2][:20]} >= {num_layers}: no fusion encoder given"
   return out
 
 
@@ -296,13 +328,25 @@ def plan_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndarra
                     extra_dropped: Mapping[str, str] | None = None
                     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str], ImportReport]:
   """`import_with_rules` up to the first write: `({owner: {path: array}}, {our full path:
-  source key}, report)`, every check done (the modules may be abstract)."""
+  source key}, report)`, every check done (the modules may be abstract).
+
+  Keys, dtypes, finiteness and shapes (`key_mapping.transformed_shape`) are all checked
+  before any source tensor is transformed or converted (issue 25); problems are listed
+  capped, each naming the file its key came from."""
+  files = getattr(state, "files", {})
+
+  def where(key):
+    return weight_rules.named(files.get(key, ""), key)
+
   problems: list[str] = []
   consumed: set[str] = set()
   updates: dict[str, dict[str, np.ndarray]] = {owner: {} for owner, m in modules.items() if m is not None}
   loaded: dict[str, str] = {}
+  shapes = {owner: param_shapes(modules[owner]) for owner in updates}
+  checks = weight_rules.WeightChecks()
 
   present_groups = {r.group for r in rules if r.source in state}
+  planned = []
   for rule in rules:
     owner, path = rule.target.split(".", 1)
     if modules.get(owner) is None:
@@ -311,18 +355,36 @@ def plan_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndarra
       if rule.group == REQUIRED or rule.group in present_groups:
         problems.append(f"missing source key {rule.source!r} (for {rule.target})")
       continue
-    updates[owner][path] = apply_transform(rule.transform, state[rule.source])
     consumed.add(rule.source)
     loaded[rule.target] = rule.source
+    src = state[rule.source]
+    bad = checks.problem(src)
+    if bad:
+      problems.append(f"source key {where(rule.source)} {bad}")
+      continue
+    if path not in shapes[owner]:
+      problems.append(f"no parameter {rule.target!r} in our model (for {rule.source!r})")
+      continue
+    want = shapes[owner][path]
+    try:
+      got = transformed_shape(rule.transform, np.shape(src), target_shape=want)
+    except ValueError as e:
+      got = f"none ({e})"
+    if got != want:
+      problems.append(f"shape mismatch for {rule.target!r} from {where(rule.source)}: ours "
+                      f"{want}, source {got} (after transform)")
+      continue
+    planned.append((owner, path, rule))
 
   tied = {}
   for key, other in tied_keys.items():
     if key not in state:
       continue
     consumed.add(key)
-    if other not in state or not np.array_equal(np.asarray(state[key]), np.asarray(state[other])):
+    if other not in state or np.shape(state[key]) != np.shape(state[other]) or \
+        not np.array_equal(np.asarray(state[key]), np.asarray(state[other])):
       problems.append(f"source key {key!r} differs from {other!r} (missing or not equal), "
-                      "but our model ties them")
+                      f"but our model ties them ({files.get(key, source)})")
     else:
       tied[key] = other
 
@@ -334,21 +396,15 @@ def plan_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndarra
   consumed |= set(dropped)
 
   for key in sorted(set(state) - consumed):
-    problems.append(f"unexpected source key {key!r} (shape {tuple(np.shape(state[key]))}): "
-                    "no rule maps it")
+    problems.append(f"unexpected source key {where(key)} (shape "
+                    f"{tuple(np.shape(state[key]))}): no rule maps it")
 
-  # Our side: shapes, and params that nothing fills but should be filled.
+  # Our side: params that nothing fills but should be filled.
   new = []
-  for owner, updates_for_owner in updates.items():
-    shapes = param_shapes(modules[owner])
-    for path, value in updates_for_owner.items():
-      target = f"{owner}.{path}"
-      if path not in shapes:
-        problems.append(f"no parameter {target!r} in our model (for {loaded[target]!r})")
-      elif tuple(np.shape(value)) != shapes[path]:
-        problems.append(f"shape mismatch for {target!r} from {loaded[target]!r}: ours "
-                        f"{shapes[path]}, source {tuple(np.shape(value))} (after transform)")
-    for path in sorted(set(shapes) - set(updates_for_owner)):
+  for owner in updates:
+    filled = {path for o, path, _ in planned if o == owner} | {
+        t.split(".", 1)[1] for t in loaded if t.startswith(owner + ".")}
+    for path in sorted(set(shapes[owner]) - filled):
       target = f"{owner}.{path}"
       if expected_new(target):
         new.append(target)
@@ -356,7 +412,10 @@ def plan_with_rules(modules: Mapping[str, object], state: Mapping[str, np.ndarra
         problems.append(f"our parameter {target!r} gets no value from the source")
 
   if problems:
-    raise BertImportError(f"cannot import {source}:\n  " + "\n  ".join(problems))
+    raise BertImportError(f"cannot import {source}: {weight_rules.headline(problems)}"
+                          + weight_rules.problems_text(problems, "\n  "))
+  for owner, path, rule in planned:  # every check passed: now transform (fp32 once per storage)
+    updates[owner][path] = apply_transform(rule.transform, checks.as_float32(state[rule.source]))
   return updates, loaded, ImportReport(kind="BERT", source=source,
                                        loaded=[(s, t) for t, s in loaded.items()],
                                        new=new, dropped=dropped, tied=tied)

@@ -32,25 +32,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import ml_dtypes
 import numpy as np
 
-_HALF = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+from t2v2t_jax.checkpoints import weight_rules
+
+# A parameter tree nests a few levels (module paths); deeper is a crafted file, refused
+# before Python's own recursion limit turns it into a RecursionError.
+MAX_NESTING = 64
 
 
-def _flatten(tree: Mapping, prefix: str, out: dict) -> None:
+def _flatten(tree: Mapping, prefix: str, out: dict, depth: int = 1) -> None:
+  if depth > MAX_NESTING:
+    raise ValueError(f"parameters nest more than {MAX_NESTING} levels deep "
+                     f"(at {prefix[:120]!r})")
   for key, value in tree.items():
     if not isinstance(key, str):
-      raise ValueError(f"key {key!r} under {prefix or 'the top'!r} is not a string")
+      raise ValueError(f"key {str(key)[:80]!r} under {prefix[:120] or 'the top'!r} is not a "
+                       "string")
     name = prefix + key.replace("/", ".")
     if isinstance(value, Mapping):
-      _flatten(value, name + ".", out)
+      _flatten(value, name + ".", out, depth + 1)
     elif isinstance(value, np.ndarray) or np.isscalar(value):
       if name in out:
-        raise ValueError(f"parameter {name!r} is stored twice")
+        raise ValueError(f"parameter {name[:200]!r} is stored twice")
       out[name] = np.asarray(value)
     else:
-      raise ValueError(f"{name!r} is a {type(value).__name__}, not an array")
+      raise ValueError(f"{name[:200]!r} is a {type(value).__name__}, not an array")
 
 
 def read_flax_params(data: bytes, source: str = "<msgpack>") -> dict[str, np.ndarray]:
@@ -93,11 +100,11 @@ def torch_name_and_layout(name: str, value: np.ndarray) -> tuple[str, np.ndarray
 
 def flax_to_torch_state(params: Mapping[str, np.ndarray], source: str = "<msgpack>"
                         ) -> dict[str, np.ndarray]:
-  """`read_flax_params` output -> `{PyTorch key: array}`, float16/bfloat16 upcast to
-  float32, every array contiguous (no views of the file's buffer)."""
+  """`read_flax_params` output -> `{PyTorch key: array}`, float16/bfloat16/float8 upcast
+  to float32, every array contiguous (no views of the file's buffer)."""
   out: dict[str, np.ndarray] = {}
   for name, value in params.items():
-    if value.dtype in _HALF:
+    if weight_rules.needs_upcast(value.dtype):
       value = value.astype(np.float32)
     try:
       key, value = torch_name_and_layout(name, value)

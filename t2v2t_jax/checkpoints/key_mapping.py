@@ -65,6 +65,60 @@ def infer_square_grid(table_rows: int) -> int:
   return (side + 1) // 2
 
 
+def _grid_pair(grid) -> tuple[int, int]:
+  return (int(grid), int(grid)) if isinstance(grid, (int, np.integer)) else \
+      (int(grid[0]), int(grid[1]))
+
+
+def transformed_shape(kind: str, shape: Sequence[int], *, target_shape: Sequence[int],
+                      src_grid=None, dst_grid=None) -> tuple[int, ...]:
+  """The shape `apply_transform` would return, computed from shapes alone.
+
+  Why: importers compare it with the model's shape BEFORE transforming anything. A
+  crafted zero-element temporal embedding `[1, 0, 1, 10**9]` would otherwise be padded to
+  `[1, T, 1, 10**9]` before its width is ever compared. Raises ValueError as
+  `apply_transform` would for a shape the transform cannot take.
+  """
+  s = tuple(int(n) for n in shape)
+  if kind == "copy":
+    return s
+  if kind == "linear":
+    if len(s) != 2:
+      raise ValueError(f"linear weight must be 2-D, got shape {s}")
+    return s[::-1]
+  if kind == "conv":
+    if len(s) != 4:
+      raise ValueError(f"conv weight must be [O, I, kh, kw], got shape {s}")
+    return (s[2], s[3], s[1], s[0])
+  if kind == "rel_pos_table":
+    if len(s) != 2:
+      raise ValueError(f"relative position table must be 2-D, got shape {s}")
+    if src_grid is None:
+      infer_square_grid(s[0])  # raises for a row count of no square grid
+    else:
+      gh, gw = _grid_pair(src_grid)
+      if s[0] != (2 * gh - 1) * (2 * gw - 1) + 3:
+        raise ValueError(f"relative position table of shape {s} does not fit grid "
+                         f"{(gh, gw)}: expected [{(2 * gh - 1) * (2 * gw - 1) + 3}, heads]")
+    if dst_grid is None:
+      dst_rows = int(target_shape[0])
+      infer_square_grid(dst_rows)
+    else:
+      gh, gw = _grid_pair(dst_grid)
+      dst_rows = (2 * gh - 1) * (2 * gw - 1) + 3
+    return (dst_rows, s[1])
+  if kind.startswith("in_proj_"):
+    if not s or s[0] % 3:
+      raise ValueError(f"packed in_proj tensor of shape {s} is not 3 x width")
+    part = (s[0] // 3,) + s[1:]
+    return part[::-1] if len(part) == 2 else part
+  if kind in ("temporal_interpolate", "temporal_zero_pad"):
+    if len(s) != 4 or s[0] != 1 or s[2] != 1 or s[1] < 1:
+      raise ValueError(f"temporal embedding must be [1, T >= 1, 1, D], got {s}")
+    return (1, int(target_shape[1]), 1, s[3])
+  raise ValueError(f"unknown transform {kind!r}")
+
+
 def apply_transform(kind: str, array, *, target_shape: Sequence[int] | None = None,
                     src_grid=None, dst_grid=None) -> np.ndarray:
   """Turn a PyTorch-layout source tensor into our layout.

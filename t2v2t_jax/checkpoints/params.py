@@ -17,13 +17,13 @@ import numpy as np
 from flax import nnx
 
 from t2v2t_jax import tree_paths
+from t2v2t_jax.errors import Refusal, capped_list
 from t2v2t_jax.models import vision_encoder
 
 TEMPORAL_EMBEDDING_SUFFIX = "temporal_pos_embed"
-_LISTED = 20  # names listed per kind of problem
 
 
-class ParamAssignError(ValueError):
+class ParamAssignError(Refusal):
   """Paths that do not exist or are missing, or shapes that do not match, when assigning."""
 
 
@@ -38,8 +38,14 @@ def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _listed(names: list[str]) -> str:
-  return ", ".join(names[:_LISTED]) + (f", ... ({len(names) - _LISTED} more)"
-                                        if len(names) > _LISTED else "")
+  return capped_list(names)
+
+
+def resizable_temporal(path: str, shape: tuple, want: tuple) -> bool:
+  """Whether SPEC 1's temporal resize applies: only the frame count differs. Checked
+  before resizing, so a crafted `[1, 0, 1, 10**9]` is refused, not padded to T x 10**9."""
+  return (path.endswith(TEMPORAL_EMBEDDING_SUFFIX) and len(shape) == 4 and len(want) == 4
+          and shape[1] >= 1 and (shape[0], shape[2], shape[3]) == (want[0], want[2], want[3]))
 
 
 def assign(params, values: Mapping[str, np.ndarray], *, source: str = "the given arrays",
@@ -62,6 +68,12 @@ def assign(params, values: Mapping[str, np.ndarray], *, source: str = "the given
         path in source_names else repr(path)
 
   problems = []
+  for path, value in values.items():  # shapes first: nothing is converted or resized yet
+    shape = tuple(np.shape(value))
+    if path in ours and shape != tuple(ours[path].shape) and \
+        not resizable_temporal(path, shape, tuple(ours[path].shape)):
+      problems.append(f"shape mismatch for {named(path)}: the model expects "
+                      f"{tuple(ours[path].shape)}, got {shape}")
   unknown = sorted(set(values) - set(ours))
   if unknown:
     problems.append("no such parameter in the model: " + _listed([named(p) for p in unknown]))
@@ -69,6 +81,9 @@ def assign(params, values: Mapping[str, np.ndarray], *, source: str = "the given
     missing = sorted(set(ours) - set(values))
     if missing:
       problems.append("missing: " + _listed(missing))
+  if problems:
+    raise ParamAssignError(f"cannot assign the parameters of {source}:\n  "
+                           + capped_list(problems, sep="\n  "))
   new = {}
   for path, value in values.items():
     if path not in ours:
@@ -76,17 +91,12 @@ def assign(params, values: Mapping[str, np.ndarray], *, source: str = "the given
     target = ours[path]
     value = np.asarray(value)
     want = tuple(target.shape)
-    if value.shape != want and path.endswith(TEMPORAL_EMBEDDING_SUFFIX) and value.ndim == 4:
+    if value.shape != want and resizable_temporal(path, value.shape, want):
       value = np.asarray(vision_encoder.resize_temporal_embedding(value, want[1], mode="zero_pad"))
     if value.shape != want:
-      problems.append(f"shape mismatch for {named(path)}: the model expects {want}, got "
-                      f"{value.shape}")
-      continue
+      continue  # named above
     # Placed like the parameter it replaces (host numpy parameters have no sharding).
     new[path] = jax.device_put(value.astype(target.dtype), getattr(target, "sharding", None))
-  if problems:
-    raise ParamAssignError(f"cannot assign the parameters of {source}:\n  "
-                           + "\n  ".join(problems))
   return tree_paths.unflatten_like(params, new)
 
 

@@ -66,6 +66,8 @@ from typing import Any
 
 import numpy as np
 
+from t2v2t_jax.errors import Refusal
+
 # Sizes, in bytes (see step 2 of the module docstring). A torch.save file stores its
 # records uncompressed, so its records add up to less than the file; a re-zipped one may
 # deflate them, which real tensors barely survive (random floats compress by ~10%).
@@ -136,9 +138,11 @@ REFUSED_OPCODES = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, Refusal):
   """A checkpoint this loader refuses: a global outside `ALLOWED`, a construct torch.save
-  does not write, a size that does not add up, or damage. The message is one line."""
+  does not write, a size that does not add up, or damage. The message is one line.
+  Still an UnpicklingError (what callers of a pickle loader catch) and a `Refusal` (what
+  `main.py` / `convert` print as one `FATAL:` line)."""
 
   def __init__(self, message: str, global_name: str | None = None):
     super().__init__(message)
@@ -270,9 +274,13 @@ class _NumpyTensors:
 
   @staticmethod
   def strided(data, size, stride, offset):
-    # Bounds were checked by the caller: the view lies inside `data`.
-    return np.lib.stride_tricks.as_strided(
-        data[offset:], shape=size, strides=tuple(s * data.itemsize for s in stride))
+    # Bounds were checked by the caller: the view lies inside `data`. as_strided goes
+    # through `__array_interface__`, whose type string numpy cannot parse back for the
+    # ml_dtypes types (float8: '<f1'), so those are strided as same-sized unsigned ints.
+    raw = data if data.dtype.isbuiltin == 1 else data.view(f"u{data.itemsize}")
+    view = np.lib.stride_tricks.as_strided(
+        raw[offset:], shape=size, strides=tuple(s * data.itemsize for s in stride))
+    return view if raw is data else view.view(data.dtype)
 
   @staticmethod
   def is_size(value) -> bool:

@@ -34,8 +34,9 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-from t2v2t_jax.checkpoints import hf_beit, hf_bert
+from t2v2t_jax.checkpoints import hf_beit, hf_bert, weight_rules
 from t2v2t_jax.checkpoints.key_mapping import KeyMapping, layer_norm, linear
+from t2v2t_jax.errors import Refusal, capped_list
 
 NAMINGS = ("pretrain", "finetune")
 BERT_PREFIX = {"pretrain": "text_encoder.bert.", "finetune": "text_encoder."}
@@ -61,7 +62,7 @@ T2V_PREFIXES = ("fusion_encoder.t2v.", "fusion_encoder.t2v_blocks.")
 MLM_HEAD_PREFIX = "text_encoder.mlm_head."
 
 
-class VindluCheckpointError(ValueError):
+class VindluCheckpointError(Refusal):
   """A VindLU checkpoint that does not fit the model: every problem is named."""
 
 
@@ -140,18 +141,27 @@ def tied_keys(naming: str) -> dict[str, str]:
   return {_text_source(k, naming): _text_source(v, naming) for k, v in hf_bert.TIED_KEYS.items()}
 
 
+_DROPPED = [(re.compile(pattern), reason) for pattern, reason in DROPPED_KEY_PATTERNS.items()]
+
+
 def dropped_reason(key: str) -> str | None:
-  for pattern, reason in DROPPED_KEY_PATTERNS.items():
-    if re.search(pattern, key):
+  for pattern, reason in _DROPPED:  # compiled once: a file may hold 200,000 keys
+    if pattern.search(key):
       return reason
   return None
 
 
-def layer_count(paths: Iterable[str], pattern: str) -> int:
-  idx = {int(m.group(1)) for p in paths if (m := re.match(pattern, p))}
-  if idx and idx != set(range(max(idx) + 1)):
-    raise VindluCheckpointError(f"layer indices {sorted(idx)} of {pattern!r} are not 0..n-1")
-  return len(idx)
+def layer_count(paths: Iterable[str], pattern: str, *, source: str = "") -> int:
+  """n when the layer indices `pattern` captures are 0..n-1. Indices are bounded as they
+  are read (`weight_rules.layer_indices`): a key naming layer 30,000,000 must not make a
+  range that long."""
+  idx = weight_rules.layer_indices(paths, pattern, source=source, error=VindluCheckpointError)
+  n = weight_rules.contiguous_count(idx)
+  if n is None:
+    raise VindluCheckpointError(
+        f"{source + ': ' if source else ''}layer indices "
+        f"{capped_list(sorted(idx))} of {pattern!r} are not 0..n-1")
+  return n
 
 
 def layout_from_params(paths: Iterable[str], naming: str, mlm: bool) -> Layout:
@@ -163,22 +173,25 @@ def layout_from_params(paths: Iterable[str], naming: str, mlm: bool) -> Layout:
                 naming=naming, mlm=mlm)
 
 
-def detect_naming(keys: Iterable[str]) -> str:
-  """'pretrain' (`text_encoder.bert.*`) or 'finetune' (`text_encoder.*`); mixed is an error."""
+def detect_naming(keys: Iterable[str], source: str = "") -> str:
+  """'pretrain' (`text_encoder.bert.*`) or 'finetune' (`text_encoder.*`); mixed is an error
+  (naming `source`, the file, when given)."""
+  where = f"{source}: " if source else ""
   keys = list(keys)
   pre = [k for k in keys if k.startswith("text_encoder.bert.")]
   fine = [k for k in keys if k.startswith("text_encoder.")
           and not k.startswith(("text_encoder.bert.", "text_encoder.cls."))]
   if pre and fine:
     raise VindluCheckpointError(
-        "the checkpoint mixes the pretrain naming (e.g. " + ", ".join(pre[:2]) + ") and the "
-        "fine-tune naming (e.g. " + ", ".join(fine[:2]) + ")")
+        f"{where}the checkpoint mixes the pretrain naming (e.g. "
+        + ", ".join(k[:120] for k in pre[:2]) + ") and the fine-tune naming (e.g. "
+        + ", ".join(k[:120] for k in fine[:2]) + ")")
   if pre:
     return "pretrain"
   if fine:
     return "finetune"
-  raise VindluCheckpointError("no text_encoder.* keys: this does not look like a VindLU state dict")
-
+  raise VindluCheckpointError(f"{where}no text_encoder.* keys: this does not look like a "
+                              "VindLU state dict")
 
 
 def is_t2v(path: str) -> bool:

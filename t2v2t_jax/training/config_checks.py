@@ -13,6 +13,7 @@ import os
 from input_pipeline import annotations as annotations_lib
 from input_pipeline import prepared_source
 from t2v2t_jax import storage
+from t2v2t_jax.errors import Refusal
 from t2v2t_jax.models.config import validate_model_config
 
 DATA_HELP = "docs/data.md explains how to prepare each dataset"
@@ -25,7 +26,7 @@ def check_run_settings(config, mode: str = "train") -> None:
   check_numbers(config)
   protocol = config.get("protocol", "global")
   if protocol not in ("vindlu", "global"):
-    raise ValueError(f"protocol={protocol!r} is not one of ['vindlu', 'global']")
+    raise Refusal(f"protocol={protocol!r} is not one of ['vindlu', 'global']")
   from t2v2t_jax.training import optimizer as optimizer_lib  # noqa: PLC0415
   from t2v2t_jax.training import train_step as step_lib  # noqa: PLC0415
   optimizer_lib.schedule_name(config.optimizer, protocol)
@@ -37,22 +38,22 @@ def check_run_settings(config, mode: str = "train") -> None:
       if not isinstance(value, int) or value < 1:
         what = ("the number of latest checkpoints kept: 0 would delete every one, the final "
                 "one included" if key == "keep_checkpoints" else "a number of steps")
-        raise ValueError(f"{key}={value!r} must be an integer >= 1 ({what})")
+        raise Refusal(f"{key}={value!r} must be an integer >= 1 ({what})")
     if not isinstance(config.eval_every, int) or config.eval_every < 0:
-      raise ValueError(f"eval_every={config.eval_every!r} must be an integer >= 0 (0: "
+      raise Refusal(f"eval_every={config.eval_every!r} must be an integer >= 0 (0: "
                        "evaluate only at the end)")
     epochs = config.get("eval_every_epochs", 0)
     if not isinstance(epochs, (int, float)) or epochs < 0:
-      raise ValueError(f"eval_every_epochs={epochs!r} must be a number >= 0 (0: use eval_every)")
+      raise Refusal(f"eval_every_epochs={epochs!r} must be a number >= 0 (0: use eval_every)")
     _check_best_key(config)
     if config.get("total_steps") is not None and config.total_steps < 0:
-      raise ValueError(f"total_steps={config.total_steps} must be >= 0 (0: from the epochs)")
+      raise Refusal(f"total_steps={config.total_steps} must be >= 0 (0: from the epochs)")
     check_profile_steps(config)
   if config.get("vtm_negatives", "global") not in ("global", "per_device"):
-    raise ValueError(f"vtm_negatives={config.vtm_negatives!r} is not one of ['global', 'per_device']")
+    raise Refusal(f"vtm_negatives={config.vtm_negatives!r} is not one of ['global', 'per_device']")
   fraction = config.data.get("failure_fraction", 0.0)
   if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"data.failure_fraction={fraction} must be within [0, 1]")
+    raise Refusal(f"data.failure_fraction={fraction} must be within [0, 1]")
   source = config.get("init_from") or ""
   if source:
     storage.check_path(source, "init_from")
@@ -91,10 +92,17 @@ _RANGES = (
     ("model.vision.drop_path_rate", 0.0, 1.0, True, False, "a stochastic-depth rate"),
     ("model.vision.dropout_rate", 0.0, 1.0, True, False, "a dropout rate"),
     ("model.text.dropout_rate", 0.0, 1.0, True, False, "a dropout rate"),
+    ("eval.alpha", 0.0, None, True, True, "the weight of the stage-1 similarity in the score"),
+    ("eval.token_memory_gib", 0.0, None, False, True, "the memory for cached video tokens"),
 )
 # Integers >= 1.
 _COUNTS = ("batch_size", "num_frames", "optimizer.grad_accum_steps", "eval.num_frames", "eval.k",
-           "eval.rerank_batch_size", "eval.video_batch_size", "eval.text_batch_size")
+           "eval.rerank_batch_size", "eval.video_batch_size", "eval.text_batch_size",
+           "data.worker_threads", "data.prefetch", "data.max_attempts",
+           "data.prepare_shard_size", "vindlu_gpu_batch", "vindlu_world_size")
+# Integers >= 0 (0 has a meaning: no worker process, no minimum, none listed, one per core).
+_NON_NEGATIVE = ("data.num_workers", "data.failure_min_samples", "data.failures_listed",
+                 "data.prepare_workers")
 
 
 def _get(config, dotted: str):
@@ -129,42 +137,51 @@ def check_numbers(config) -> None:
       ok = ((low is None or value > low or (low_in and value == low))
             and (high is None or value < high or (high_in and value == high)))
     if not ok:
-      raise ValueError(f"{field}={value!r} is out of range: {what} must be a finite number "
+      raise Refusal(f"{field}={value!r} is out of range: {what} must be a finite number "
                        f"in {_interval(low, high, low_in, high_in)}")
   for field in _COUNTS:
     value = _get(config, field)
     if value is _MISSING:
       continue
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{field}={value!r} must be an integer >= 1")
+      raise Refusal(f"{field}={value!r} must be an integer >= 1")
+  for field in _NON_NEGATIVE:
+    value = _get(config, field)
+    if value is _MISSING:
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise Refusal(f"{field}={value!r} must be an integer >= 0")
+  max_len = _get(config, "data.max_len")
+  if max_len is not _MISSING and (not isinstance(max_len, int) or max_len < 2):
+    raise Refusal(f"data.max_len={max_len!r} must be an integer >= 2 ([CLS] and one token)")
   opt, model = config.optimizer, config.model
   if opt.min_lr > opt.lr:
-    raise ValueError(f"optimizer.min_lr={opt.min_lr} must not exceed optimizer.lr={opt.lr}")
+    raise Refusal(f"optimizer.min_lr={opt.min_lr} must not exceed optimizer.lr={opt.lr}")
   if opt.warmup_epochs > opt.epochs:
-    raise ValueError(f"optimizer.warmup_epochs={opt.warmup_epochs} must not exceed "
+    raise Refusal(f"optimizer.warmup_epochs={opt.warmup_epochs} must not exceed "
                      f"optimizer.epochs={opt.epochs}")
   if not model.temp_min <= model.temp_init <= model.temp_max:
-    raise ValueError(f"model.temp_min={model.temp_min} <= model.temp_init={model.temp_init} <= "
+    raise Refusal(f"model.temp_min={model.temp_min} <= model.temp_init={model.temp_init} <= "
                      f"model.temp_max={model.temp_max} must hold")
 
 
 def check_batch_over_devices(config, device_count: int) -> None:
   """The global batch is split evenly over the mesh's devices (all hosts)."""
   if config.batch_size % device_count:
-    raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {device_count} "
+    raise Refusal(f"batch_size={config.batch_size} must be a multiple of the {device_count} "
                      f"devices it is split over (e.g. {device_count * max(1, round(config.batch_size / device_count))})")
 
 
 def _check_best_key(config) -> None:
   key = config.get("best_key", "")
   if config.get("pick_checkpoint", "best") not in ("best", "latest"):
-    raise ValueError(f"pick_checkpoint={config.pick_checkpoint!r} is not one of ['best', 'latest']")
+    raise Refusal(f"pick_checkpoint={config.pick_checkpoint!r} is not one of ['best', 'latest']")
   if not key:
     return
   corpus, _, metric = key.partition("/")
   names = [c["name"] for c in config.data.eval_corpora]
   if corpus not in names or not metric:
-    raise ValueError(f"best_key={key!r} must be '<eval corpus>/<metric>' with the corpus one "
+    raise Refusal(f"best_key={key!r} must be '<eval corpus>/<metric>' with the corpus one "
                      f"of {names} (e.g. '{names[0] if names else 'corpus'}/r_mean')")
 
 
@@ -200,7 +217,7 @@ def check_initialization(config, workdir: str | None, mode: str) -> None:
     return
   if workdir and storage.listdir(storage.join(workdir, "checkpoints")):
     return  # resumes this workdir's run, which was started from weights
-  raise ValueError(
+  raise Refusal(
       "this fine-tuning recipe has no weights to start from: it would train BEiT and BERT "
       "from random weights. Pass --config.init_from=<a pretraining run's workdir or a "
       "VindLU .pth> or --config.pretrained.beit=<HF name> --config.pretrained.bert=<HF "
@@ -211,7 +228,7 @@ def check_config(config, mode: str) -> None:
   """Everything that can be checked before compiling: fields, data files, media roots."""
   validate_model_config(config.model)
   if config.batch_size <= 0:
-    raise ValueError(f"batch_size={config.batch_size} must be positive")
+    raise Refusal(f"batch_size={config.batch_size} must be positive")
   if mode != "prepare":
     check_run_settings(config, mode)
   if mode in ("train", "train_and_eval"):
@@ -220,7 +237,7 @@ def check_config(config, mode: str) -> None:
   corpora = []
   if mode in ("train", "train_and_eval"):
     if not config.data.train_corpora:
-      raise ValueError("config.data.train_corpora is empty: nothing to train on")
+      raise Refusal("config.data.train_corpora is empty: nothing to train on")
     corpora += list(config.data.train_corpora)
   if mode in ("eval", "train_and_eval"):
     corpora += list(config.data.eval_corpora)
@@ -237,3 +254,31 @@ def check_config(config, mode: str) -> None:
     loaded.append(annotations_lib.load_corpus_from_config(corpus))
   # With data.source='prepared', every corpus must be prepared (and match its annotations).
   prepared_source.check_sources(config.data, corpora, loaded)
+  if mode == "train_and_eval":
+    num_train = len(config.data.train_corpora)
+    warn_train_eval_overlap(loaded[:num_train], loaded[num_train:])
+
+
+def warn_train_eval_overlap(train, evaluated) -> list[str]:
+  """Warns (on stderr) for every eval corpus that holds videos of a training corpus, with
+  the counts and a few names; returns the warnings.
+
+  A warning, not an error: training on the test videos is sometimes meant (an overfitting
+  sanity check, a pretraining corpus that happens to contain a benchmark's clips on
+  purpose), but numbers from such an evaluation must not be reported as held-out ones,
+  and without this line nothing says so. docs/data.md ("Train/test overlap").
+  """
+  import sys  # noqa: PLC0415
+  warnings = []
+  for ev in evaluated:
+    for tr in train:
+      count, examples = annotations_lib.shared_videos(tr, ev)
+      if count:
+        warnings.append(
+            f"WARNING: eval corpus {ev.name!r} ({ev.anno_file}) shares {count:,} of its "
+            f"{ev.num_videos:,} videos with train corpus {tr.name!r} ({tr.anno_file}), e.g. "
+            f"{', '.join(repr(e) for e in examples)}: its retrieval numbers are not held-out "
+            "numbers")
+  for line in warnings:
+    sys.stderr.write(line + "\n")
+  return warnings

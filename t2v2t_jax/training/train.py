@@ -11,6 +11,9 @@ follows a run in order. Resume order (first that applies):
      (parameters only; temporal embeddings resized by SPEC's rule);
   3. `config.pretrained.beit` / `config.pretrained.bert`: Hugging Face weights;
   4. from scratch.
+One trainer per workdir: `workdir/train.lock` names its holder (`workdir_lock.py`). A
+resumed run's redone steps replace their metrics rows (`metric_writer.py`); a save that
+fails stops the run at once with one line naming the last good step (`CheckpointSaveError`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from t2v2t_jax.training import profiling as profiling_lib
 from t2v2t_jax.training import train_state as state_lib
 from t2v2t_jax.training import train_step as step_lib
 from t2v2t_jax.training import workdir as workdir_lib
+from t2v2t_jax.training import workdir_lock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,11 +49,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) -> dict:
-  """Trains `config` in `workdir`; returns the final evaluation results (if any)."""
-  # ------------------------------------------------------------------ Set up logging
+  """Trains `config` in `workdir`; returns the final evaluation results (if any).
+
+  Raises `WorkdirLockedError` when another live trainer holds the workdir, and
+  `CheckpointSaveError` (one line, the last good step named) when a save fails."""
   config_checks.check_run_settings(config)  # before any work (main.py also checks the data)
   sharding_lib.maybe_initialize_distributed(config)
   storage.makedirs(workdir)  # a local folder or a gs:// prefix (storage.py)
+  # One trainer per workdir, taken before anything in it is read or moved (process 0).
+  with workdir_lock.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, evaluate_at_end=evaluate_at_end)
+
+
+def _train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool) -> dict:
+  # ------------------------------------------------------------------ Set up logging
   ckpt = Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                       quarantine=True)
   resume_step = ckpt.latest_step()  # the newest usable step; damaged ones are named
@@ -57,7 +70,6 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
     workdir_lib.check_start_from_scratch(config, workdir, ckpt.damaged)
   workdir_lib.warn_if_resuming_with_changes(config, workdir, resuming=resume_step is not None)
   workdir_lib.save_config(config, workdir)
-  writer = writer_lib.MetricWriter(workdir)
   is_main = jax.process_index() == 0
 
   # ------------------------------------------------------------------ Mesh
@@ -109,6 +121,10 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True) ->
   if ckpt.restored_step is not None:  # an older step if the newest failed to restore
     source = f"resumed from {ckpt.step_dir(ckpt.restored_step)}"
   start_step = int(state["step"])
+  # A resumed run redoes the steps after the one it restored: their rows are replaced
+  # (metrics.jsonl rewritten without them, TensorBoard's purge_step), not duplicated.
+  writer = writer_lib.MetricWriter(
+      workdir, resume_step=start_step if ckpt.restored_step is not None else None)
   logging.info("Starting at step %d (%s); %d steps in all, %d per epoch",
                start_step, source, total_micro_steps, steps_per_epoch)
   if is_main:
