@@ -132,18 +132,21 @@ def test_rank_videos_reranks_only_the_top_k():
 # The cache
 
 
-def test_second_search_uses_the_cache(trained, monkeypatch, tmp_path):
+def test_second_search_uses_the_index(trained, monkeypatch, tmp_path):
   config, workdir, anno = trained
   calls = []
-  real_embed = RetrievalEvaluator.embed_videos
+  real_batches = RetrievalEvaluator._encoded_batches
 
-  def counting_embed(self, params, data):
+  def counting_batches(self, params, data, desc):
     calls.append(data.num_videos)
-    return real_embed(self, params, data)
+    return real_batches(self, params, data, desc)
 
-  monkeypatch.setattr(RetrievalEvaluator, "embed_videos", counting_embed)
+  monkeypatch.setattr(RetrievalEvaluator, "_encoded_batches", counting_batches)
+  # The index is by content: the other tests' searches of the test split would make the
+  # copies below free. Start from an empty one.
+  shutil.rmtree(os.path.join(workdir, "search_library"), ignore_errors=True)
   # A folder of videos: two of the test videos, a file that is not a video (ignored) and
-  # a broken video (embedded as a black clip, left out of the results).
+  # a broken video (recorded as unreadable, left out of the results).
   folder = tmp_path / "videos"
   folder.mkdir()
   for entry in anno[:2]:
@@ -154,19 +157,43 @@ def test_second_search_uses_the_cache(trained, monkeypatch, tmp_path):
                             progress=False)
   assert calls == [3]
   assert len(first) == 2 and not any(r.path.endswith("broken.webm") for r in first)
-  caches = glob.glob(os.path.join(workdir, "search_cache", "*", "video_tokens.npy"))
-  assert caches
-  mtimes = {p: os.stat(p).st_mtime_ns for p in caches}
+  indexes = glob.glob(os.path.join(workdir, "search_library", "*", "index.sqlite"))
+  assert len(indexes) == 1
   second = search_lib.search(config, workdir, anno[1]["caption"][0], videos=str(folder),
                              progress=False)
-  assert calls == [3]  # not embedded again
-  assert {p: os.stat(p).st_mtime_ns for p in caches} == mtimes
+  assert calls == [3]  # nothing embedded again, the broken file not retried
   assert sorted(r.path for r in first) == sorted(r.path for r in second)
-  # A new video in the folder: the listing changed, so the folder is embedded again.
+  # A new video in the folder: only it is embedded.
   shutil.copy(os.path.join(config.data_root, anno[2]["video"]), folder / "extra.mp4")
   third = search_lib.search(config, workdir, anno[1]["caption"][0], videos=str(folder),
                             progress=False)
-  assert calls == [3, 4] and len(third) == 3
+  assert calls == [3, 1] and len(third) == 3
+
+
+def test_queries_file_answers_each_query_with_one_model_load(trained, tmp_path):
+  """`main.py --mode search --queries FILE`: a table per query, the model loaded once."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  config, workdir, anno = trained
+  queries = tmp_path / "queries.txt"
+  queries.write_text(f"{anno[0]['caption'][0]}\n\n{anno[2]['caption'][1]}\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, os.path.join(repo, "main.py"), "--mode", "search",
+       "--config", os.path.join(repo, "configs", "demo.py") + ":tiny,mode=t2v2t",
+       f"--config.data_root={config.data_root}", "--config.eval.k=1", "--workdir", workdir,
+       "--queries", str(queries), "--top", "2"],
+      capture_output=True, text=True, timeout=300, cwd=repo, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert sum(line.startswith("Searching with") for line in lines) == 1
+  assert "[query 1 of 2]" in out.stdout and "[query 2 of 2]" in out.stdout
+  # Each table: its query's caption in the title, its video first.
+  for i, entry in ((1, anno[0]), (2, anno[2])):
+    at = next(n for n, line in enumerate(lines) if line.startswith(f"[query {i} of 2]"))
+    assert lines[at + 1].startswith("Top 2 of 3 videos for")
+    assert lines[at + 2].split() == ["rank", "path", "stage-1", "rerank"]
+    assert lines[at + 3].split()[1].endswith(entry["video"]), lines[at:at + 5]
 
 
 def test_folder_errors(tmp_path):
@@ -174,7 +201,7 @@ def test_folder_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such folder"):
     search_videos.list_videos(config, str(tmp_path / "missing"))
   (tmp_path / "a.txt").write_text("x")
-  with pytest.raises(FileNotFoundError, match="no .mp4"):
+  with pytest.raises(FileNotFoundError, match="no video files"):
     search_videos.list_videos(config, str(tmp_path))
   for name in ("b.MKV", "a.webm", "c.avi", "d.mp4"):
     (tmp_path / name).write_bytes(b"")

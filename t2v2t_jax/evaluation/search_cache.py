@@ -1,11 +1,11 @@
-"""The embedded videos of a search, cached so that a second query only embeds its text.
+"""The embedded videos of a search, kept in a library index so that a search embeds only
+the videos it has not seen (`library_index.py` describes the files).
 
-`workdir/search_cache/<key>/` holds `video_emb.npy`, `video_tokens.npy` (float16, read
-back memory-mapped) and `index.json`; the key is a hash of the video list (absolute
-paths, sizes, modification times), the parameters (checkpoint path, step, modification
-time) and the reading settings. A cache folder is written under a temporary name and
-renamed when complete, so a search that stops half-way leaves no half cache. The cache
-is never pruned: delete `workdir/search_cache/` to reclaim the space.
+`embed_videos` lists the library against the index (new, changed and removed files; only
+new contents are embedded), embeds what is missing in chunks that are committed as they
+finish (a stopped search resumes after the last committed chunk: nothing is deleted on
+failure), and reads back what a search needs: the stage-1 vector of every video and,
+with token storage 'float16', the rerank's video tokens (`TOKEN_STORAGE`).
 """
 
 from __future__ import annotations
@@ -14,29 +14,44 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
-from typing import Any
+import time
 
 import jax
 import numpy as np
 
-from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator
+from t2v2t_jax.evaluation.library_index import LIBRARY_VERSION, ChunkTokens, LibraryIndex
+from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator, to_host
 from t2v2t_jax.evaluation.search_videos import VideoList, video_batches
 
-CACHE_VERSION = 1
+# Where the rerank's video tokens come from:
+# - 'recompute': not stored; the stage-1 top k are read and encoded again per query (the
+#   same reading and encoder as at indexing, so the same tokens up to float rounding).
+# - 'float16': stored at indexing, T x N x D float16 per video (what the encoder hands
+#   over; float32 would store the same numbers in twice the space). The frame count is
+#   the reading setting (`config.eval.num_frames`), part of the index key.
+TOKEN_STORAGE = ("recompute", "float16")
+DEFAULT_TOKEN_STORAGE = "recompute"
+# A chunk is committed after this many videos or this many seconds, whichever comes first:
+# an interrupted search loses at most that much work.
+CHUNK_VIDEOS = 256
+CHUNK_SECONDS = 60.0
 
 
 @dataclasses.dataclass
 class VideoIndex:
-  """Embedded videos: what the cache holds."""
-  video_emb: np.ndarray           # float32 [Nv, T, E], L2-normalised per frame
-  video_tokens: Any               # float16 [Nv, T, N, D] (a memory map when cached)
-  paths: list[str]
-  failures: dict[str, str]        # path -> why it could not be read (embedded as black)
-  cache_dir: str | None
-  from_cache: bool
+  """What a search reads: the stage-1 vector of every listed video (and its tokens)."""
+  video_mean: np.ndarray          # float32 [Nv, E]: mean over frames of the frame embeddings
+  video_tokens: ChunkTokens | None  # float16 tokens[ids] -> [n, T, N, D]; None: 'recompute'
+  paths: list[str]                # absolute, listing order
+  failures: dict[str, str]        # path -> why it could not be read (not searchable)
+  num_frames: int
+  cache_dir: str
+  stats: dict                     # listed, embedded (this run), reused, hashed, removed, ...
+
+  @property
+  def searchable(self) -> np.ndarray:
+    return np.asarray([p not in self.failures for p in self.paths], bool)
 
 
 def checkpoint_source(config, workdir: str, step: int) -> dict:
@@ -49,94 +64,139 @@ def checkpoint_source(config, workdir: str, step: int) -> dict:
   return {"init_from": src, "step": int(step), "mtime_ns": mtime}
 
 
-def cache_key(videos: VideoList, config, params_source: dict) -> str:
-  """Hash of everything the cached embeddings depend on."""
-  listing = []
-  for path in videos.paths:
-    try:
-      st = os.stat(path)
-      listing.append([path, st.st_size, st.st_mtime_ns])
-    except OSError:
-      listing.append([path, -1, -1])
+def library_description(videos: VideoList, config, params_source: dict, tokens: str) -> dict:
+  """Everything an embedding depends on, but not which files there are."""
   num_frames = 1 if videos.kind == "image" else int(config.eval.num_frames)
-  desc = {"version": CACHE_VERSION, "videos": listing, "params": params_source,
-          "num_frames": num_frames, "image_size": int(config.model.vision.image_size),
-          "kind": videos.kind, "max_seconds": videos.max_seconds,
+  return {"version": LIBRARY_VERSION, "params": params_source, "num_frames": num_frames,
+          "image_size": int(config.model.vision.image_size), "kind": videos.kind,
+          "max_seconds": videos.max_seconds, "tokens": tokens,
           "model": json.loads(config.model.to_json_best_effort())}
-  blob = json.dumps(desc, sort_keys=True, default=str).encode()
+
+
+def library_key(description: dict) -> str:
+  blob = json.dumps(description, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def _load_cache(cache_dir: str, paths: list[str]) -> VideoIndex | None:
-  try:
-    with open(os.path.join(cache_dir, "index.json")) as f:
-      index = json.load(f)
-    if index.get("paths") != paths:
-      return None
-    video_emb = np.load(os.path.join(cache_dir, "video_emb.npy"))
-    tokens = np.load(os.path.join(cache_dir, "video_tokens.npy"), mmap_mode="r")
-  except (OSError, ValueError):
-    return None
-  if video_emb.shape[0] != len(paths) or tokens.shape[0] != len(paths):
-    return None
-  return VideoIndex(video_emb=video_emb, video_tokens=tokens, paths=paths,
-                    failures=dict(index.get("failures", {})), cache_dir=cache_dir, from_cache=True)
+def _barrier(name: str) -> None:
+  """All processes here before any goes on (the index is written by process 0 only)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
 
 
 def embed_videos(config, params, graphdef, mesh, videos: VideoList, workdir: str,
-                 params_source: dict, *, progress: bool = True) -> VideoIndex:
-  """Embeddings and fusion tokens of `videos`, from the cache when it has them."""
-  is_main = jax.process_index() == 0
-  cache_root = os.path.join(workdir, "search_cache")
-  cache_dir = os.path.join(cache_root, cache_key(videos, config, params_source))
-  cached = _load_cache(cache_dir, videos.paths)
-  if jax.process_count() > 1:
-    # Embedding is a collective: every process uses the cache, or none does.
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    hits = multihost_utils.process_allgather(np.int32(cached is not None))
-    if not np.all(hits):
-      cached = None
-  if cached is not None:
-    if is_main:
-      print(f"Using the cached embeddings of {len(videos.paths)} videos ({cache_dir})", flush=True)
-    return cached
+                 params_source: dict, *, tokens: str = DEFAULT_TOKEN_STORAGE,
+                 progress: bool = True, chunk_videos: int = CHUNK_VIDEOS,
+                 chunk_seconds: float = CHUNK_SECONDS,
+                 evaluator: RetrievalEvaluator | None = None) -> VideoIndex:
+  """The stage-1 vectors (and tokens) of `videos`, embedding only what the index lacks.
 
-  if is_main:
-    print(f"Embedding {len(videos.paths)} videos from {videos.source} ...", flush=True)
-  tmp_dir = None
-  if is_main:
-    os.makedirs(cache_root, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".tmp_", dir=cache_root)
-    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private
-  # The tokens go straight into a memory-mapped file in the new cache folder.
-  evaluator = RetrievalEvaluator(graphdef, mesh, k=config.eval.k,
-                                 rerank_batch_size=config.eval.rerank_batch_size,
-                                 text_batch_size=config.eval.text_batch_size,
-                                 alpha=config.eval.alpha, token_cache_dir=tmp_dir,
-                                 progress=progress and is_main)
-  failures: dict[str, str] = {}
+  `evaluator`: one to reuse (a `Searcher`'s: its jitted video encoder is compiled once for
+  every refresh and for the rerank); by default a new one."""
+  if tokens not in TOKEN_STORAGE:
+    raise ValueError(f"token storage must be one of {TOKEN_STORAGE}, got {tokens!r}")
+  is_main = jax.process_index() == 0
+  description = library_description(videos, config, params_source, tokens)
+  folder = os.path.join(workdir, "search_library", library_key(description))
+  # Process 0 creates the tables before any other process reads them.
+  library = LibraryIndex(folder, description, writer=True) if is_main else None
+  _barrier("search: library opened")
+  if library is None:
+    library = LibraryIndex(folder, description, writer=False)
   try:
-    video_emb, tokens = evaluator.embed_videos(params, video_batches(videos, config, failures))
-    if failures and is_main:
-      sys.stderr.write(f"WARNING: {len(failures)} of {len(videos.paths)} videos could not be "
-                       f"read; they are left out of the search:\n"
-                       + "".join(f"  {p}: {e}\n" for p, e in sorted(failures.items())))
-    if not is_main:
-      return VideoIndex(video_emb, tokens, videos.paths, failures, None, False)
-    if isinstance(tokens, np.memmap):
-      tokens.flush()
-    del tokens
-    np.save(os.path.join(tmp_dir, "video_emb.npy"), video_emb)
-    with open(os.path.join(tmp_dir, "index.json"), "w") as f:
-      json.dump({"paths": videos.paths, "failures": failures, "params": params_source,
-                 "source": videos.source}, f, indent=1)
-    if os.path.isdir(cache_dir):  # written meanwhile by another search: replace it
-      shutil.rmtree(cache_dir, ignore_errors=True)
-    os.replace(tmp_dir, cache_dir)
-    tmp_dir = None
+    root = videos.root or os.path.commonpath([os.path.dirname(p) for p in videos.paths])
+    plan = library.plan(root, videos.paths)
+    _barrier("search: library planned")  # every process has read the same index state
+    embedded = 0
+    if plan.todo:
+      embedded = _embed_missing(config, params, graphdef, mesh, videos, plan, library,
+                                store_tokens=tokens != "recompute", progress=progress and is_main,
+                                chunk_videos=chunk_videos, chunk_seconds=chunk_seconds,
+                                evaluator=evaluator)
+    _barrier("search: library embedded")
+    means, token_store, errors, missing = library.load(plan.hashes, tokens=tokens != "recompute")
   finally:
-    if tmp_dir is not None:
-      shutil.rmtree(tmp_dir, ignore_errors=True)
-  loaded = _load_cache(cache_dir, videos.paths)
-  loaded.from_cache = False
-  return loaded
+    library.close()
+  if missing:  # another search changed the index under us; should not happen
+    raise RuntimeError(f"{missing} videos are missing from the library index {folder}")
+  failures = dict(plan.hash_errors)
+  failures.update({videos.paths[i]: e for i, e in errors.items()})
+  stats = dict(listed=len(videos.paths), embedded=embedded,
+               reused=len(videos.paths) - len(plan.todo) - len(plan.hash_errors),
+               hashed=plan.hashed, removed=plan.removed, unreadable=len(failures))
+  if is_main and progress:
+    print(f"Library {root}: {len(videos.paths)} videos ({embedded} embedded now, "
+          f"{stats['reused']} from the index {folder}"
+          + (f", {plan.removed} gone since the last search" if plan.removed else "") + ")",
+          flush=True)
+  if is_main and failures:
+    sys.stderr.write(f"WARNING: {len(failures)} of {len(videos.paths)} videos could not be "
+                     "read; they are left out of the search (they are tried again only "
+                     "once they change):\n"
+                     + "".join(f"  {p}: {e}\n" for p, e in sorted(failures.items())[:20])
+                     + (f"  ... and {len(failures) - 20} more\n" if len(failures) > 20 else ""))
+  num_frames = description["num_frames"]
+  return VideoIndex(video_mean=means, video_tokens=token_store, paths=list(videos.paths),
+                    failures=failures, num_frames=num_frames, cache_dir=folder, stats=stats)
+
+
+def _embed_missing(config, params, graphdef, mesh, videos: VideoList, plan, library,
+                   *, store_tokens: bool, progress: bool, chunk_videos: int,
+                   chunk_seconds: float, evaluator: RetrievalEvaluator | None) -> int:
+  """Embeds the videos `plan.todo`, committing chunks as they fill; returns how many."""
+  todo = VideoList(paths=[videos.paths[i] for i in plan.todo], kind=videos.kind,
+                   max_seconds=videos.max_seconds, max_len=videos.max_len, source=videos.source,
+                   root=videos.root)
+  hashes = [plan.hashes[i] for i in plan.todo]
+  if progress:
+    print(f"Embedding {len(todo.paths)} new or changed videos (committed every "
+          f"{chunk_videos} videos or {chunk_seconds:g} s) ...", flush=True)
+  if evaluator is None:
+    evaluator = RetrievalEvaluator(graphdef, mesh, k=config.eval.k,
+                                   rerank_batch_size=config.eval.rerank_batch_size,
+                                   text_batch_size=config.eval.text_batch_size,
+                                   alpha=config.eval.alpha, progress=progress)
+  failures: dict[str, str] = {}
+  pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+  committed = 0
+  started = time.monotonic()
+
+  def commit():
+    nonlocal committed, started
+    if not pending:
+      return
+    ids = np.concatenate([p[0] for p in pending])
+    means = np.concatenate([p[1] for p in pending])
+    toks = np.concatenate([p[2] for p in pending]) if store_tokens else None
+    # The reader records a file's error before it yields the batch holding it.
+    bad = np.asarray([todo.paths[i] in failures for i in ids.tolist()], bool)
+    errors = {hashes[i]: failures[todo.paths[i]] for i in ids[bad].tolist()}
+    library.commit_chunk([hashes[i] for i in ids[~bad].tolist()], means[~bad],
+                         toks[~bad] if toks is not None else None, errors)
+    committed += len(ids)
+    pending.clear()
+    started = time.monotonic()
+
+  data = video_batches(todo, config, failures)
+  shown, evaluator.progress = evaluator.progress, progress  # its bar, for this pass only
+  try:
+    # pylint: disable-next=protected-access (the evaluation's own batches and encoder)
+    for index, keep, emb, tok in evaluator._encoded_batches(params, data, "embed videos"):
+      # Exactly what `similarity` computes from the per-frame embeddings before its dot
+      # product, so stage 1 scores as the evaluation does.
+      mean = emb[keep].astype(np.float32).mean(axis=1)
+      pending.append((index[keep], mean, to_host(tok)[keep] if store_tokens else None))
+      if (sum(len(p[0]) for p in pending) >= chunk_videos
+          or time.monotonic() - started >= chunk_seconds):
+        commit()
+    commit()
+  except BaseException:
+    if jax.process_index() == 0:
+      sys.stderr.write(f"Embedding stopped: {committed} of {len(todo.paths)} videos were "
+                       f"committed to the index ({library.folder}); the next search resumes "
+                       "from there.\n")
+    raise
+  finally:
+    evaluator.progress = shown
+  return committed

@@ -1,7 +1,8 @@
 """The videos a search ranks: which files, and how each is read (as evaluation reads it).
 
-`list_videos` gives every *.mp4/*.webm/*.mkv/*.avi of a folder (sorted by name) or, by
-default, the videos of the config's first eval corpus. Each is read as at evaluation
+`list_videos` gives every video file of a folder and its subfolders (any container PyAV
+reads, by extension, case-insensitive: `VIDEO_EXTENSIONS`; hidden files and folders are
+skipped), sorted by path, or, by default, the videos of the config's first eval corpus. Each is read as at evaluation
 ('middle' frames, `config.eval.num_frames` of them, bicubic resize to the model's image
 size) by Grain threads (`video_batches`); a file that cannot be read becomes a black clip
 and is recorded, so the search can leave it out.
@@ -22,7 +23,13 @@ from input_pipeline import video_decode
 from input_pipeline.annotations import load_corpus_from_config
 from input_pipeline.config import corpus_field
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi")
+# The containers FFmpeg (so PyAV) demuxes that hold video, by their usual extensions. The
+# extension decides what is listed; whether a file really decodes is found out when it is
+# read (an unreadable one is recorded, not fatal).
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".qt", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".m2v",
+    ".ts", ".mts", ".m2ts", ".flv", ".f4v", ".wmv", ".asf", ".3gp", ".3g2", ".ogv",
+    ".vob", ".mxf", ".dv", ".y4m", ".divx")
 
 
 @dataclasses.dataclass
@@ -33,26 +40,49 @@ class VideoList:
   max_seconds: float | None = None
   max_len: int | None = None      # text length of the corpus (None: config.data.max_len)
   source: str = ""
+  root: str = ""                  # the library root: the index stores paths relative to it
+
+
+def find_video_files(folder: str) -> list[str]:
+  """Absolute paths of the video files under `folder` (recursive), sorted by relative path.
+
+  Hidden files and folders (a leading '.': `.git`, macOS `._clip.mp4` resource forks,
+  thumbnail caches) are skipped; symbolic links to files are listed, links to folders
+  are not followed (a link back up the tree would never end)."""
+  folder = os.path.abspath(folder)
+  found = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      if (not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS)
+          and os.path.isfile(path)):
+        found.append(path)
+  return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
 def list_videos(config, videos: str | None = None) -> VideoList:
-  """`videos` (a folder: its video files, sorted) or the config's first eval corpus."""
+  """`videos` (a folder: its video files, recursive, sorted) or the config's first eval
+  corpus."""
   if videos:
     if not os.path.isdir(videos):
       raise FileNotFoundError(f"--videos {videos}: no such folder")
-    paths = sorted(os.path.abspath(os.path.join(videos, name)) for name in os.listdir(videos)
-                   if name.lower().endswith(VIDEO_EXTENSIONS)
-                   and os.path.isfile(os.path.join(videos, name)))
+    paths = find_video_files(videos)
     if not paths:
-      raise FileNotFoundError(f"--videos {videos}: no {'/'.join(VIDEO_EXTENSIONS)} files in it")
-    return VideoList(paths=paths, source=os.path.abspath(videos))
+      raise FileNotFoundError(f"--videos {videos}: no video files in it or its subfolders "
+                              f"({' '.join(VIDEO_EXTENSIONS)})")
+    root = os.path.abspath(videos)
+    return VideoList(paths=paths, source=root, root=root)
   corpora = list(config.data.eval_corpora)
   if not corpora:
     raise ValueError("config.data.eval_corpora is empty: pass --videos FOLDER")
   corpus_cfg = corpora[0]
   corpus = load_corpus_from_config(corpus_cfg)
   paths = [os.path.abspath(corpus.media_path(i)) for i in range(corpus.num_videos)]
-  return VideoList(paths=paths, kind=corpus.kind,
+  # The corpus's videos may sit in several folders: the index is relative to their
+  # common folder.
+  root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+  return VideoList(paths=paths, kind=corpus.kind, root=root,
                    max_seconds=corpus_field(corpus_cfg, "max_seconds"),
                    max_len=corpus_field(corpus_cfg, "max_len"),
                    source=f"eval corpus {corpus.name!r} ({corpus.anno_file})")
@@ -106,7 +136,12 @@ def video_batches(videos: VideoList, config, failures: dict) -> VideoBatches:
   count, index = jax.process_count(), jax.process_index()
   local_devices = jax.local_device_count()
   batch = max(1, config.eval.video_batch_size // count)
-  batch = min(batch, -(-n // count))  # no batch larger than the videos need
+  # No batch much larger than the videos need, and a power of two below the configured
+  # size: adding a few videos to a library compiles the encoder for one of a handful of
+  # shapes (a searcher reuses them), not for every count.
+  need = -(-n // count)
+  if need < batch:
+    batch = 1 << (need - 1).bit_length()
   batch = -(-batch // local_devices) * local_devices
   chunk = count * batch
   padded = -(-n // chunk) * chunk
