@@ -29,9 +29,9 @@ def test_tiny_recipe_compiles_for_one_v5e_chip(monkeypatch):
   # Every program is the one a TPU traces: the portable GELU (erfc), not this CPU's form.
   traced = []
   real_report = compile_plan._compiled_report
-  def report(name, batch, lowered, *rest):
+  def report(name, batch, lowered, *rest, **kw):
     traced.append((name, "erfc" in lowered.as_text()))
-    return real_report(name, batch, lowered, *rest)
+    return real_report(name, batch, lowered, *rest, **kw)
   monkeypatch.setattr(compile_plan, "_compiled_report", report)
   result = compile_plan.plan(config, log=lines.append)
   assert traced and all(has_erfc for _, has_erfc in traced), traced
@@ -52,6 +52,12 @@ def test_tiny_recipe_compiles_for_one_v5e_chip(monkeypatch):
   rows = [line for line in text.splitlines()
           if line.startswith(("train step", "video encoder", "text encoder", "rerank scorer"))]
   assert len(rows) == 4 and all(" yes " in row and " NO " not in row for row in rows), rows
+  # Each program's census follows the table, with the roofline on the v5e.
+  census = train["census"]
+  assert census["chip"] == "v5e" and census["hlo"]["kernels"] > 0
+  assert census["hlo"]["matmul_flops"] > 0 and census["roofline"]["roofline_s"] > 0
+  assert census["memory"]["total_bytes"] == train["total_bytes"]
+  assert text.count("HLO census of ") == 4 and "roofline on TPU v5e" in text
 
 
 def test_table_says_why_a_program_does_not_fit():

@@ -63,6 +63,22 @@ def test_cpu_forms_are_chosen_on_cpu_and_portable_inside_the_block():
     assert "erfc" in jax.jit(lambda x: L.gelu(x)).lower(jnp.ones((4,))).as_text()
 
 
+def test_accelerator_forms_select_cpu_forms_per_op_inside_portable_forms():
+  # What benchmarks/bytes_probe.py --forms relies on: a named op's CPU form in a program
+  # traced for an accelerator, the other ops portable, and the default restored after.
+  gelu_hlo = lambda: jax.jit(lambda x: L.gelu(x)).lower(jnp.ones((4,))).as_text()
+  with cpu_ops.portable_forms():
+    with cpu_ops.accelerator_forms({"gelu"}):
+      assert "erfc" not in gelu_hlo()
+    with cpu_ops.accelerator_forms({"dense"}):
+      assert "erfc" in gelu_hlo()
+    # The default: the forms adopted for accelerators (`ACCELERATOR_FORMS`).
+    assert ("erfc" in gelu_hlo()) == ("gelu" not in cpu_ops.ACCELERATOR_FORMS)
+  with pytest.raises(ValueError, match="unknown op forms"):
+    with cpu_ops.accelerator_forms({"softmax"}):
+      pass
+
+
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_linear_values_and_gradients(use_bias):
   layer = L.linear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(0))

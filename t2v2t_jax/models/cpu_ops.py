@@ -20,9 +20,10 @@ demo recipe's step -17%).
 
 `per_backend(args, cpu=..., default=...)` picks the CPU form when JAX's default backend
 is the CPU and the portable form otherwise, at trace time: a GPU or TPU run traces
-exactly the portable program. (`jax.lax.platform_dependent`, which decides at lowering
-time, was tried: its conditional's autodiff kept zero-filled residuals of the unused
-branch in the TPU program, 29 extra copies at test size.) Code that compiles for another
+the portable program (`ACCELERATOR_FORMS`, empty, can add CPU forms op by op).
+(`jax.lax.platform_dependent`, which decides at lowering time, was tried: its
+conditional's autodiff kept zero-filled residuals of the unused branch in the TPU
+program, 29 extra copies at test size.) Code that compiles for another
 platform than the host's (the TPU fit planner on a CPU host) traces inside
 `portable_forms()`, which also lets tests and benchmarks compare the two forms on a CPU.
 """
@@ -45,7 +46,8 @@ _state = threading.local()
 
 @contextlib.contextmanager
 def portable_forms():
-  """Trace the portable forms on every backend, the CPU included, inside this block."""
+  """Trace what an accelerator traces (the portable forms, and the CPU forms of the ops in
+  `ACCELERATOR_FORMS`) on every backend, the CPU included, inside this block."""
   previous = getattr(_state, "portable", False)
   _state.portable = True
   try:
@@ -59,9 +61,49 @@ def cpu_forms_active() -> bool:
   return not getattr(_state, "portable", False) and jax.default_backend() == "cpu"
 
 
-def per_backend(*args, cpu, default):
-  """`cpu(*args)` when tracing for the CPU backend, else `default(*args)`."""
-  return (cpu if cpu_forms_active() else default)(*args)
+# The ops whose CPU form a program traced for an accelerator takes as well (names as
+# passed to `per_backend`; `accelerator_forms` overrides it for one block). Empty: the
+# accelerator programs are the portable ones. Measured for issue 26 with
+# benchmarks/bytes_probe.py on TPU v5e programs (bf16, full remat, 8 clips x 4 frames):
+# on one paper-width video layer (fwd + bwd) XLA's bytes accessed went 7.91 GB ->
+# layer_norm 7.63, gelu 7.81, both 7.52, dense 10.01 (temps 0.37 -> 0.54), attention
+# (heads-major, bias gradient as a product) 1.065 -> 1.057 GB for the attention alone once
+# its scores stay float32. On the whole proxy train step (2 + 2 + 1 layers) the LayerNorm
+# form left the bytes unchanged (458.53 -> 458.58 GB; the kernels' operands and results
+# 27.47 -> 27.46 GB), cut fusions 1354 -> 1248 and top-level reductions 17 -> 4, and
+# raised the temporaries 0.97 -> 1.00 GiB: not taken, nor the others.
+ACCELERATOR_FORMS: frozenset = frozenset()
+FORM_NAMES = ("dense", "layer_norm", "gelu", "attention")
+
+
+@contextlib.contextmanager
+def accelerator_forms(names):
+  """Inside this block, accelerator programs take the CPU forms of the ops `names` (and
+  the portable forms of the others): `accelerator_forms(())` traces the programs as they
+  were before `ACCELERATOR_FORMS`.
+
+  Why: issue 26 measures each form on the compiled TPU program (benchmarks/bytes_probe.py
+  `--forms`); this selects them per op without touching the defaults.
+  """
+  names = frozenset(names)
+  unknown = names - set(FORM_NAMES)
+  if unknown:
+    raise ValueError(f"unknown op forms {sorted(unknown)}: expected some of {FORM_NAMES}")
+  previous = getattr(_state, "accel", None)
+  _state.accel = names
+  try:
+    yield
+  finally:
+    _state.accel = previous
+
+
+def per_backend(*args, cpu, default, name: str | None = None):
+  """`cpu(*args)` when tracing for the CPU backend (or, for an op `name` chosen by
+  `accelerator_forms`, for any backend), else `default(*args)`."""
+  accel = getattr(_state, "accel", None)
+  accel = ACCELERATOR_FORMS if accel is None else accel
+  use_cpu = cpu_forms_active() or (name is not None and name in accel)
+  return (cpu if use_cpu else default)(*args)
 
 
 def _sum_rows(x):
@@ -214,6 +256,9 @@ def attention_shared_bias(q, k, v, bias):
   batched matrix products. Returns [G, Lq, H, d].
   """
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-  logits = jnp.einsum("ghqd,ghkd->ghqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  # Scores accumulated and kept in float32 (as `jax.nn.dot_product_attention` keeps them),
+  # not rounded to a bfloat16 compute dtype before the softmax.
+  logits = jnp.einsum("ghqd,ghkd->ghqk", q, k,
+                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
   weights = jax.nn.softmax(add_shared_bias(logits, bias.astype(jnp.float32)), axis=-1)
   return jnp.einsum("ghqk,ghkd->ghqd", weights.astype(v.dtype), v).transpose(0, 2, 1, 3)

@@ -10,7 +10,8 @@ Conventions used by every module in `t2v2t_jax.models`:
   import maps one source module to one of ours.
 - Dense layers, LayerNorm, GELU and the biased attention of the video layers take the
   forms of `cpu_ops` when JAX's backend is the CPU (same mathematics, a faster train step
-  on XLA:CPU) and their portable forms (flax, `jax.nn`) on GPU and TPU.
+  on XLA:CPU) and their portable forms (flax, `jax.nn`) on GPU and TPU (unless an op is
+  named in `cpu_ops.ACCELERATOR_FORMS`, empty: measured there, no form helped).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Linear(nnx.Linear):
 
     if out_sharding is not None:
       return portable(inputs)
-    return cpu_ops.per_backend(inputs, cpu=cpu, default=portable)
+    return cpu_ops.per_backend(inputs, cpu=cpu, default=portable, name="dense")
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -64,7 +65,7 @@ class LayerNorm(nnx.LayerNorm):
 
     if mask is not None:
       return portable(x)
-    return cpu_ops.per_backend(x, cpu=cpu, default=portable)
+    return cpu_ops.per_backend(x, cpu=cpu, default=portable, name="layer_norm")
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True,
@@ -83,7 +84,7 @@ def layer_norm(features: int, *, eps: float, rngs: nnx.Rngs, dtype=None) -> Laye
 def gelu(x):
   """Exact GELU (BERT, BEiT): `cpu_ops.gelu` on a CPU, `jax.nn.gelu` elsewhere."""
   return cpu_ops.per_backend(x, cpu=cpu_ops.gelu,
-                             default=lambda x: jax.nn.gelu(x, approximate=False))
+                             default=lambda x: jax.nn.gelu(x, approximate=False), name="gelu")
 
 
 def drop_path(x, rate, *, deterministic: bool, rngs: nnx.Rngs | None):
@@ -178,7 +179,7 @@ class MultiHeadAttention(nnx.Module):
       if bias is not None and bias.shape[0] == 1 and mask is None and impl is None:
         # BEiT's relative position bias, shared by every frame.
         ctx = cpu_ops.per_backend(q, k, v, bias, cpu=cpu_ops.attention_shared_bias,
-                                  default=portable)
+                                  default=portable, name="attention")
       else:
         ctx = portable(q, k, v, bias)
       return ctx.reshape(b, lq, self.num_heads * self.head_dim)

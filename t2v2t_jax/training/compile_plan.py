@@ -1,6 +1,7 @@
 """Fit planner: compile a recipe's programs for a TPU topology and report its HBM use.
 
   python main.py --config configs/webvid_pretrain.py --mode compile --config.compile.topology=v5e:2x4
+  python main.py --config configs/webvid_pretrain.py --mode compile --config.compile.topology=h100
 
 Runs on any host, without a TPU (libtpu compiles ahead of time; `tpu_topology.py`). It
 builds exactly what training builds (the mesh from `config.mesh` over the topology's
@@ -8,7 +9,10 @@ chips, the state's shardings, `train_step.make_train_step` + `jit_train_step`) a
 evaluation programs (`RetrievalEvaluator`'s video and text encoders at the recipe's
 inference frames and batches, and its rerank scorer at its pair batch), compiles each
 and prints one table: per device, parameters, optimizer state, temporaries and total HBM
-against the chip's capacity, whether it fits, FLOPs per step and compile time.
+against the chip's capacity, whether it fits, FLOPs per step and compile time; then each
+program's census (`hlo_census`: copies, fusions, reductions, collectives, custom calls and
+their bytes, and the roofline time on that chip). A topology may also name one GPU,
+`h100` or `h200`, compiled without a GPU through JAX's CUDA plugin (`gpu_topology.py`).
 `config.compile.find_max_batch` also finds the largest per-device training batch that
 fits: memory is close to linear in the batch, so two compiles give the line and a third
 confirms the prediction.
@@ -30,6 +34,7 @@ import numpy as np
 from t2v2t_jax import sharding as sharding_lib
 from t2v2t_jax.models import cpu_ops, layer_stack
 from t2v2t_jax.models.t2v2t import abstract_params
+from t2v2t_jax.training import gpu_topology, hlo_census
 from t2v2t_jax.training import optimizer as optimizer_lib
 from t2v2t_jax.training import tpu_topology
 from t2v2t_jax.training import train_state as state_lib
@@ -57,6 +62,7 @@ class ProgramReport:
   flops_per_device: float | None
   compile_s: float
   compiled: bool = True
+  census: dict | None = None     # hlo_census.census of the compiled program
 
   def fits(self, capacity: int | None) -> bool | None:
     if not self.compiled:
@@ -79,9 +85,10 @@ class OutOfMemory(Exception):
     self.needed, self.available = needed, available
 
 
-def _compile(lowered):
+def _compile(lowered, compiler_options: dict | None = None):
   try:
-    return lowered.compile()
+    return lowered.compile(compiler_options=compiler_options) if compiler_options \
+        else lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     parsed = tpu_topology.parse_out_of_memory(str(e)) if "RESOURCE_EXHAUSTED" in str(e) else None
     if parsed is None:
@@ -89,9 +96,12 @@ def _compile(lowered):
     raise OutOfMemory(*parsed) from e
 
 
-def _compiled_report(name, batch, lowered, params_bytes, opt_bytes, t0) -> ProgramReport:
+def _compiled_report(name, batch, lowered, params_bytes, opt_bytes, t0, *,
+                     chip: str | None = None,
+                     compiler_options: dict | None = None) -> ProgramReport:
+  """Compiles `lowered` and reports it; `chip`: the `hlo_census.CHIPS` key for the roofline."""
   try:
-    compiled = _compile(lowered)
+    compiled = _compile(lowered, compiler_options)
   except OutOfMemory as oom:
     # The compiler's figure counts temporaries only; the state's share comes on top.
     params_bytes = params_bytes or 0
@@ -99,6 +109,7 @@ def _compiled_report(name, batch, lowered, params_bytes, opt_bytes, t0) -> Progr
                          oom.needed + params_bytes + opt_bytes, None,
                          time.perf_counter() - t0, compiled=False)
   compile_s = time.perf_counter() - t0
+  census = hlo_census.census(compiled, chip=chip)
   mem = compiled.memory_analysis()
   if params_bytes is None:
     params_bytes = int(mem.argument_size_in_bytes)
@@ -108,7 +119,7 @@ def _compiled_report(name, batch, lowered, params_bytes, opt_bytes, t0) -> Progr
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost["flops"]) if cost and "flops" in cost else None
   return ProgramReport(name, batch, params_bytes, opt_bytes, int(mem.temp_size_in_bytes),
-                       int(total), flops, compile_s)
+                       int(total), flops, compile_s, census=census)
 
 
 def special_ids(vocab_size: int) -> dict:
@@ -134,13 +145,18 @@ class Planner:
     self.mesh = sharding_lib.make_mesh(config.mesh, devices=devices)
     # A program fits when its total is within the usable HBM (the compiler's own check is on
     # the temporaries alone: it accepted a v5e program of 18.05 GiB in all).
-    self.capacity = tpu_topology.usable_hbm_bytes(devices[0])
+    self.capacity = (gpu_memory_bytes(devices[0]) if devices[0].platform == "gpu"
+                     else tpu_topology.usable_hbm_bytes(devices[0]))
     self.tx = optimizer_lib.make_optimizer(config.optimizer, total_steps=1000)
     self.abstract = state_lib.abstract_state(config.model, self.tx, config.seed)
     self.shardings = state_lib.state_shardings(self.abstract, self.mesh, config.mesh.fsdp_min_size)
     self.graphdef, _ = abstract_params(config.model)
     self.params_bytes = _shard_bytes(self.abstract["params"], self.shardings["params"])
     self.opt_bytes = _shard_bytes(self.abstract["opt_state"], self.shardings["opt_state"])
+    # The census's roofline chip, and the GPU targets' compiler options (gpu_topology).
+    self.chip = hlo_census.chip_for_device_kind(devices[0].device_kind)
+    self.compiler_options = (gpu_topology.COMPILER_OPTIONS if devices[0].platform == "gpu"
+                             else None)
 
   # -- training ---------------------------------------------------------------------------
   @cpu_ops.portable_forms()
@@ -166,7 +182,8 @@ class Planner:
     t0 = time.perf_counter()
     lowered = step.lower(sharding_lib.with_shardings(self.abstract, self.shardings), batch)
     return _compiled_report(f"train step ({c.num_frames} frames)", batch_per_device, lowered,
-                            self.params_bytes, self.opt_bytes, t0)
+                            self.params_bytes, self.opt_bytes, t0, chip=self.chip,
+                            compiler_options=self.compiler_options)
 
   # -- evaluation -------------------------------------------------------------------------
   @cpu_ops.portable_forms()
@@ -206,7 +223,8 @@ class Planner:
       lowered = fn.lower(*args)
       # jit drops the parameters a program does not use (the video encoder holds no text
       # layers): its own argument bytes stand in the params column.
-      reports.append(_compiled_report(name, per_device, lowered, None, 0, t0))
+      reports.append(_compiled_report(name, per_device, lowered, None, 0, t0, chip=self.chip,
+                                      compiler_options=self.compiler_options))
     return reports
 
   # -- the largest batch that fits ----------------------------------------------------------
@@ -301,23 +319,44 @@ def format_table(reports: list[ProgramReport], capacity: int | None) -> str:
   return "\n".join(lines)
 
 
+def gpu_memory_bytes(device) -> int | None:
+  """Device memory of a compile-only GPU (the target's description)."""
+  for spec in gpu_topology.SPECS.values():
+    if spec.name == device.device_kind:
+      return spec.memory_bytes
+  return None
+
+
+def target_devices(name: str) -> list:
+  """The devices of `name`: a TPU topology ('v5e:2x4') or one GPU ('h100', 'h200')."""
+  if name in gpu_topology.SPECS:
+    return gpu_topology.gpu_devices(name)
+  return tpu_topology.topology_devices(name)
+
+
+def format_censuses(reports: list[ProgramReport]) -> str:
+  return "\n\n".join(hlo_census.format_census(r.census, r.name) for r in reports
+                     if r.census is not None)
+
+
 def plan(config, *, log=print) -> dict:
   """Compiles the recipe for `config.compile.topology`; prints and returns the results."""
   c = config
-  devices = tpu_topology.topology_devices(c.compile.topology)
+  devices = target_devices(c.compile.topology)
+  platform = devices[0].platform
   n = len(devices)
   if c.batch_size % n:
     raise ValueError(f"batch_size={c.batch_size} does not divide over the {n} chips of "
                      f"{c.compile.topology}: set --config.batch_size to a multiple of {n}")
   # 'auto' layer scanning is decided for the target chip, not for this host.
   c.model.scan_layers = "on" if layer_stack.resolve_scan(c.model.get("scan_layers", "auto"),
-                                                         "tpu") else "off"
+                                                         platform) else "off"
   planner = Planner(c, devices)
   hosts = len({d.process_index for d in devices})
   capacity = planner.capacity
   log(f"Compiling for {c.compile.topology}: {n} x {devices[0].device_kind} on {hosts} "
       f"host(s), mesh {dict(planner.mesh.shape)}, "
-      f"{'unknown' if capacity is None else f'{tpu_topology.hbm_bytes(devices[0]) / GIB:.0f} GiB'} "
+      f"{'unknown' if capacity is None else f'{(tpu_topology.hbm_bytes(devices[0]) or capacity) / GIB:.0f} GiB'} "
       f"HBM per chip ({'unknown' if capacity is None else f'{capacity / GIB:.2f}'} usable); "
       f"model {c.model.vision.variant} + {c.model.text.variant}, {c.model.fusion.mode}, "
       f"{c.model.dtype}, remat {c.model.remat}, scan_layers {c.model.scan_layers}")
@@ -337,6 +376,8 @@ def plan(config, *, log=print) -> dict:
       reports.append(known[max_batch])
       reports[-1].name = "train step, largest batch that fits"
   log(format_table(reports, capacity))
+  log("")
+  log(format_censuses(reports))
   if c.compile.find_max_batch:
     if max_batch is None:
       log("Largest per-device batch that fits: none (even 1 clip per chip does not fit)")

@@ -42,17 +42,12 @@ def check_libtpu() -> None:
         f"`pip install -e \".[tpu]\"` (or `pip install \"jax[tpu]=={jax.__version__}\"`)")
 
 
-def topology_devices(name: str) -> list:
-  """The devices of TPU topology `name` (e.g. 'v5e:1x1', 'v5e:2x4', 'v4:2x2x1').
-
-  Multi-host topologies (e.g. 'v5e:4x4': 16 chips on 4 hosts) give every host's devices,
-  so one process compiles the global program.
-  """
-  check_libtpu()
+def quiet_libtpu_without_tpu() -> None:
+  """Environment for loading libtpu on a host without a TPU; read when libtpu loads, i.e.
+  before the first TPU compile (or the first plugin discovery) of this process."""
   # libtpu takes a machine-wide lock file (/tmp/libtpu_lockfile) so that one process owns
   # the chips; compiling ahead of time uses no chip, so two compiles (two test workers, or
-  # a plan made while a run trains on the TPU) must not exclude each other. Read when
-  # libtpu loads, i.e. before the first TPU compile of this process.
+  # a plan made while a run trains on the TPU) must not exclude each other.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
     # No TPU on this host: without these libtpu looks for one (the cloud metadata server,
@@ -62,6 +57,16 @@ def topology_devices(name: str) -> list:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+
+
+def topology_devices(name: str) -> list:
+  """The devices of TPU topology `name` (e.g. 'v5e:1x1', 'v5e:2x4', 'v4:2x2x1').
+
+  Multi-host topologies (e.g. 'v5e:4x4': 16 chips on 4 hosts) give every host's devices,
+  so one process compiles the global program.
+  """
+  check_libtpu()
+  quiet_libtpu_without_tpu()
   from jax.experimental import topologies  # noqa: PLC0415 (needs libtpu only here)
   match = _NAME.match(name or "")
   if not match:
