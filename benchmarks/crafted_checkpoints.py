@@ -768,7 +768,6 @@ def after_cases() -> list[Case]:
 def _run_folder(out: str, name: str, poison_nan: bool = False) -> str:
   """A run folder of the tiny model with one step (1), as training writes it."""
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
 
   from t2v2t_jax.checkpoints.run_checkpoints import Checkpointer
@@ -776,7 +775,7 @@ def _run_folder(out: str, name: str, poison_nan: bool = False) -> str:
   _, params = nnx.split(create_model(tiny_model_config(), seed=0), nnx.Param)
   if poison_nan:
     kernel = params["text_proj"]["kernel"]
-    kernel.value = jnp.asarray(np.asarray(kernel.value)).at[0, 0].set(jnp.nan)
+    kernel[...] = jnp.asarray(kernel[...]).at[0, 0].set(jnp.nan)
   folder = os.path.join(out, name)
   ckpt = Checkpointer(os.path.join(folder, "checkpoints"), async_save=False)
   ckpt.save(1, {"params": params, "step": jnp.int32(1)})

@@ -489,8 +489,8 @@ def _check_plan(old: dict, new: dict, directory: str) -> None:
       diffs.append(f"{key} {old.get('settings', {}).get(key)!r} there, {value!r} now")
   if diffs:
     raise Refusal(f"{directory} already holds a prepare of corpus {old.get('corpus')!r} "
-                     f"with other settings or videos ({'; '.join(diffs)}). Delete that folder "
-                     f"or set data.prepared_dir to another folder.")
+                  f"with other settings or videos ({'; '.join(diffs)}). Delete that folder "
+                  f"or set data.prepared_dir to another folder.")
 
 
 def check_existing(corpus: Corpus, prepared_dir: str, settings: Settings) -> None:
@@ -664,7 +664,7 @@ def config_corpora(data_cfg) -> list:
     if name in seen:
       if corpus_field(seen[name], "anno_file") != corpus_field(corpus_cfg, "anno_file"):
         raise Refusal(f"two corpora are named {name!r} ({corpus_field(seen[name], 'anno_file')}, "
-                         f"{corpus_field(corpus_cfg, 'anno_file')}): prepared folders are per name")
+                      f"{corpus_field(corpus_cfg, 'anno_file')}): prepared folders are per name")
       continue
     seen[name] = corpus_cfg
   if not seen:

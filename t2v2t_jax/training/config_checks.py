@@ -41,7 +41,7 @@ def check_run_settings(config, mode: str = "train") -> None:
         raise Refusal(f"{key}={value!r} must be an integer >= 1 ({what})")
     if not isinstance(config.eval_every, int) or config.eval_every < 0:
       raise Refusal(f"eval_every={config.eval_every!r} must be an integer >= 0 (0: "
-                       "evaluate only at the end)")
+                    "evaluate only at the end)")
     epochs = config.get("eval_every_epochs", 0)
     if not isinstance(epochs, (int, float)) or epochs < 0:
       raise Refusal(f"eval_every_epochs={epochs!r} must be a number >= 0 (0: use eval_every)")
@@ -138,19 +138,14 @@ def check_numbers(config) -> None:
             and (high is None or value < high or (high_in and value == high)))
     if not ok:
       raise Refusal(f"{field}={value!r} is out of range: {what} must be a finite number "
-                       f"in {_interval(low, high, low_in, high_in)}")
-  for field in _COUNTS:
-    value = _get(config, field)
-    if value is _MISSING:
-      continue
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise Refusal(f"{field}={value!r} must be an integer >= 1")
-  for field in _NON_NEGATIVE:
-    value = _get(config, field)
-    if value is _MISSING:
-      continue
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      raise Refusal(f"{field}={value!r} must be an integer >= 0")
+                    f"in {_interval(low, high, low_in, high_in)}")
+  for fields, least in ((_COUNTS, 1), (_NON_NEGATIVE, 0)):
+    for field in fields:
+      value = _get(config, field)
+      if value is _MISSING:
+        continue
+      if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise Refusal(f"{field}={value!r} must be an integer >= {least}")
   max_len = _get(config, "data.max_len")
   if max_len is not _MISSING and (not isinstance(max_len, int) or max_len < 2):
     raise Refusal(f"data.max_len={max_len!r} must be an integer >= 2 ([CLS] and one token)")
@@ -159,17 +154,17 @@ def check_numbers(config) -> None:
     raise Refusal(f"optimizer.min_lr={opt.min_lr} must not exceed optimizer.lr={opt.lr}")
   if opt.warmup_epochs > opt.epochs:
     raise Refusal(f"optimizer.warmup_epochs={opt.warmup_epochs} must not exceed "
-                     f"optimizer.epochs={opt.epochs}")
+                  f"optimizer.epochs={opt.epochs}")
   if not model.temp_min <= model.temp_init <= model.temp_max:
     raise Refusal(f"model.temp_min={model.temp_min} <= model.temp_init={model.temp_init} <= "
-                     f"model.temp_max={model.temp_max} must hold")
+                  f"model.temp_max={model.temp_max} must hold")
 
 
 def check_batch_over_devices(config, device_count: int) -> None:
   """The global batch is split evenly over the mesh's devices (all hosts)."""
   if config.batch_size % device_count:
     raise Refusal(f"batch_size={config.batch_size} must be a multiple of the {device_count} "
-                     f"devices it is split over (e.g. {device_count * max(1, round(config.batch_size / device_count))})")
+                  f"devices it is split over (e.g. {device_count * max(1, round(config.batch_size / device_count))})")
 
 
 def _check_best_key(config) -> None:
@@ -182,7 +177,7 @@ def _check_best_key(config) -> None:
   names = [c["name"] for c in config.data.eval_corpora]
   if corpus not in names or not metric:
     raise Refusal(f"best_key={key!r} must be '<eval corpus>/<metric>' with the corpus one "
-                     f"of {names} (e.g. '{names[0] if names else 'corpus'}/r_mean')")
+                  f"of {names} (e.g. '{names[0] if names else 'corpus'}/r_mean')")
 
 
 def check_paths(config, workdir: str | None, mode: str = "train") -> None:
