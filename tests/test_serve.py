@@ -489,9 +489,15 @@ def test_serve_stops_on_ctrl_c(library, monkeypatch, capsys):
       os.kill(os.getpid(), signal.SIGINT)
 
   before = signal.getsignal(signal.SIGTERM)
+  # Ctrl-C as a terminal delivers it: SIGINT with Python's own handler. An earlier test in
+  # this worker process may have left SIGINT ignored (a hang in one CI run), so set it here.
+  previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
   thread = threading.Thread(target=client, daemon=True)
   thread.start()
-  serve_lib.serve(config, workdir, videos=folder, port=0, top=2, progress=False)
+  try:
+    serve_lib.serve(config, workdir, videos=folder, port=0, top=2, progress=False)
+  finally:
+    signal.signal(signal.SIGINT, previous_int)
   thread.join(10)
   out = capsys.readouterr().out
   assert f"Serving {NUM_VIDEOS} videos" in out and servers[0].url in out
