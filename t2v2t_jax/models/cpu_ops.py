@@ -48,12 +48,8 @@ _state = threading.local()
 def portable_forms():
   """Trace what an accelerator traces (the portable forms, and the CPU forms of the ops in
   `ACCELERATOR_FORMS`) on every backend, the CPU included, inside this block."""
-  previous = getattr(_state, "portable", False)
-  _state.portable = True
-  try:
+  with _thread_setting("portable", True):
     yield
-  finally:
-    _state.portable = previous
 
 
 def cpu_forms_active() -> bool:
@@ -89,12 +85,19 @@ def accelerator_forms(names):
   unknown = names - set(FORM_NAMES)
   if unknown:
     raise ValueError(f"unknown op forms {sorted(unknown)}: expected some of {FORM_NAMES}")
-  previous = getattr(_state, "accel", None)
-  _state.accel = names
+  with _thread_setting("accel", names):
+    yield
+
+
+@contextlib.contextmanager
+def _thread_setting(name: str, value):
+  """`_state.<name> = value` inside the block (this thread only), the old value after."""
+  previous = getattr(_state, name, None)
+  setattr(_state, name, value)
   try:
     yield
   finally:
-    _state.accel = previous
+    setattr(_state, name, previous)
 
 
 def per_backend(*args, cpu, default, name: str | None = None):
