@@ -19,21 +19,17 @@ Layers are unrolled by default (`--scan on` as the TPU recipe runs them): XLA's 
 analysis counts a loop body once, so a scanned stack hides all but one layer's cost. The
 T2V block's per-frame loop stays a loop either way (counted once).
 
-The census counts the instructions of the computations that run as kernels (the entry,
-loop bodies and conditions; not the computations inside fusions or reducers) by opcode,
-fusions by kind, the copies and transposes with their bytes (top-level ones and fusions
-whose root is a copy or transpose), and the random-bit generators. The last stdout line is
-a JSON object (`--json-out` appends it to a file).
+The census is the project's (`t2v2t_jax/training/hlo_census.py`, what `--mode compile`
+prints): the kernels by kind with the bytes of their operands and results. The last stdout
+line is a JSON object (`--json-out` appends it to a file).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 
@@ -41,128 +37,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+
+from t2v2t_jax.training import hlo_census  # noqa: E402
 
 GIB = 2 ** 30
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
-_ARRAY = re.compile(r"\b(pred|[subfc]\d+|bf16)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\((.*)$")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(.*\{\s*$")
-
-
-def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape (an array or a tuple of arrays), layouts already stripped."""
-  total = 0
-  for dtype, dims in _ARRAY.findall(shape):
-    n = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) if dims else 1
-    total += n * _BYTES.get(dtype, 4)
-  return total
-
-
-def _strip_braces(line: str) -> str:
-  # Layouts ({1,0:T(8,128)}), metadata and backend configs are in braces, some nested:
-  # dropped so that shapes and the opcode parse with simple patterns.
-  previous = None
-  while previous != line:
-    previous, line = line, re.sub(r"\{[^{}]*\}", "", line)
-  return line
 
 
 def census(hlo: str) -> dict:
-  """Counts of the optimised HLO module text `hlo` (see the module docstring)."""
-  computations: dict[str, list] = {}
-  current = None
-  for raw in hlo.splitlines():
-    m = _COMP.match(raw)
-    if m and not raw.startswith(" "):
-      current = m.group(1)
-      computations[current] = []
-      continue
-    if current is None or not raw.startswith(" "):
-      continue
-    m = _INSTR.match(_strip_braces(raw))
-    if m:
-      name, shape, opcode, rest = m.groups()
-      computations[current].append((name, shape, opcode, rest, raw))
-  # Computations that do not run as kernels of their own: fusion bodies and the small
-  # computations reducers, sorts and scatters apply.
-  inner = set()
-  for instrs in computations.values():
-    for _, _, opcode, _, raw in instrs:
-      for key in ("calls", "to_apply"):
-        if opcode in ("while", "conditional", "call") and key == "calls":
-          continue
-        for called in re.findall(rf"{key}=%?([\w.\-]+)", raw):
-          inner.add(called)
-  roots = {}
-  has_product = {}
-  for comp, instrs in computations.items():
-    has_product[comp] = any(op in ("dot", "convolution") for _, _, op, _, _ in instrs)
-    for _, _, opcode, _, raw in instrs:
-      if raw.lstrip().startswith("ROOT"):
-        roots[comp] = opcode
-  # Bytes each kernel reads and writes (operand and result shapes, as printed): an upper
-  # bound of its traffic that splits the program's bytes into products and the rest.
-  traffic = collections.Counter()
-  ops = collections.Counter()
-  fusion_kinds = collections.Counter()
-  copies = {"copy": [0, 0], "transpose": [0, 0], "copy_fusion": [0, 0],
-            "transpose_fusion": [0, 0]}
-  rng = [0, 0]
-  for comp, instrs in computations.items():
-    if comp in inner:
-      continue
-    # Operands are printed by name only: their bytes come from their definitions.
-    sizes = {name: shape_bytes(shape) for name, shape, _, _, _ in instrs}
-    for name, shape, opcode, rest, raw in instrs:
-      if opcode in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
-        continue
-      ops[opcode] += 1
-      b = shape_bytes(shape)
-      operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-      moved = b + sum(sizes.get(o, 0) for o in operands)
-      if opcode in ("while", "conditional", "call", "copy-done", "all-reduce-done"):
-        moved = 0   # their bodies' kernels are counted themselves
-      called = re.search(r"calls=%?([\w.\-]+)", raw)
-      if opcode in ("dot", "convolution") or (
-          opcode == "fusion" and called and has_product.get(called.group(1))):
-        traffic["products"] += moved
-      elif opcode in ("copy", "transpose") or (
-          opcode == "fusion" and called and roots.get(called.group(1)) in ("copy", "transpose")):
-        traffic["copies"] += moved
-      elif opcode in ("rng-bit-generator", "rng"):
-        traffic["rng"] += moved
-      elif opcode in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-                      "collective-permute", "all-reduce-start", "all-gather-start"):
-        traffic["collectives"] += moved
-      else:
-        traffic["other"] += moved
-      # copy-start/copy-done pairs are asynchronous moves between memory spaces (TPU
-      # prefetches into on-chip memory), not layout changes: counted as ops only.
-      if opcode in ("copy", "transpose"):
-        key = opcode
-        copies[key][0] += 1
-        copies[key][1] += b
-      elif opcode == "fusion":
-        kind = re.search(r"kind=(\w+)", raw)
-        fusion_kinds[kind.group(1) if kind else "?"] += 1
-        root = roots.get(called.group(1)) if called else None
-        if root in ("copy", "transpose"):
-          copies[f"{root}_fusion"][0] += 1
-          copies[f"{root}_fusion"][1] += b
-      elif opcode in ("rng-bit-generator", "rng"):
-        rng[0] += 1
-        rng[1] += b
-  return {"ops": dict(ops.most_common()), "fusions": sum(fusion_kinds.values()),
-          "fusion_kinds": dict(fusion_kinds),
-          "copies": {k: {"n": v[0], "bytes": v[1]} for k, v in copies.items()},
-          "copy_like_n": sum(v[0] for v in copies.values()),
-          "copy_like_bytes": sum(v[1] for v in copies.values()),
-          "rng": {"n": rng[0], "bytes": rng[1]},
-          "traffic": dict(traffic),
-          "custom_calls": ops.get("custom-call", 0), "while": ops.get("while", 0),
-          "reduce": ops.get("reduce", 0) + ops.get("reduce-window", 0)}
+  """The project's census of an optimised HLO text (`training/hlo_census.py`: kernels by
+  kind with their bytes, every loop iteration counted), with the totals this probe prints:
+  fusions, copy-like kernels (copies, transposes, data-only fusions), random-bit generators
+  and custom calls."""
+  c = hlo_census.census_from_text(hlo)
+  cats = c["categories"]
+  copy_like = [cats.get(k, {"count": 0, "bytes": 0})
+               for k in ("copy", "transpose", "layout_fusion")]
+  rng = [v for k, v in c["other_ops"].items() if k.startswith("rng")]
+  c.update(fusions=sum(v["count"] for v in c["fusions_by_kind"].values()),
+           copy_like_n=sum(v["count"] for v in copy_like),
+           copy_like_bytes=sum(v["bytes"] for v in copy_like),
+           rng={"n": sum(v["count"] for v in rng), "bytes": sum(v["bytes"] for v in rng)},
+           traffic={k: v["bytes"] for k, v in cats.items()},
+           custom_call_n=sum(v["count"] for v in c["custom_calls"].values()))
+  return c
 
 
 def _parse_value(text: str):
@@ -299,7 +196,7 @@ def attention_check(topology: str, groups: int, tokens: int = 197, heads: int = 
     r = {"form": name, "flops": float(cost.get("flops", 0)),
          "bytes_accessed": float(cost.get("bytes accessed", 0)),
          "temp_bytes": int(mem.temp_size_in_bytes), "fusions": cen["fusions"],
-         "copy_like_n": cen["copy_like_n"], "custom_calls": cen["custom_calls"],
+         "copy_like_n": cen["copy_like_n"], "custom_calls": cen["custom_call_n"],
          "compile_s": round(time.perf_counter() - t0, 1)}
     results.append(r)
     print(f"attention {name:<14} GFLOP {r['flops'] / 1e9:7.2f}  GB accessed "
@@ -362,17 +259,16 @@ def layer_check(topology: str, clips: int, form_sets, remat: str = "full") -> li
 
 def summary_line(label: str, r: dict) -> str:
   cen = r["census"]
-  cp = cen["copies"]
+  cats = cen["categories"]
+  kind = lambda k: (f"{k} {cats.get(k, {}).get('count', 0):5d} "
+                    f"({cats.get(k, {}).get('bytes', 0) / 1e9:.2f} GB)")
   return (f"{label:<28} GFLOP {r['flops'] / 1e9:9.1f}  GB acc {r['bytes_accessed'] / 1e9:8.2f}  "
           f"temps {r['temp_bytes'] / GIB:6.2f} GiB  total {r['total_bytes'] / GIB:6.2f}  "
-          f"fusions {cen['fusions']:5d}  copy {cp['copy']['n']:4d} "
-          f"({cp['copy']['bytes'] / 1e9:.2f} GB)  transpose {cp['transpose']['n']:3d} "
-          f"({cp['transpose']['bytes'] / 1e9:.2f} GB)  copy/transpose fusions "
-          f"{cp['copy_fusion']['n'] + cp['transpose_fusion']['n']:4d} "
-          f"({(cp['copy_fusion']['bytes'] + cp['transpose_fusion']['bytes']) / 1e9:.2f} GB)  "
-          f"reduce {cen['reduce']:4d}  rng {cen['rng']['n']:3d}  custom {cen['custom_calls']:3d}  "
-          f"compile {r['compile_s']:.0f} s\n{'':<28} kernel operand+result GB: " +
-          "  ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(cen["traffic"].items())))
+          f"fusions {cen['fusions']:5d}  rng {cen['rng']['n']:3d}  custom "
+          f"{cen['custom_call_n']:3d}  compile {r['compile_s']:.0f} s\n{'':<28} kernels "
+          f"{cen['kernels']}, operand+result bytes {cen['kernel_bytes'] / 1e9:.2f} GB: " +
+          "  ".join(kind(k) for k in ("matmul", "elementwise_fusion", "reduction", "copy",
+                                      "transpose", "layout_fusion")))
 
 
 def cpu_ops_forms():
@@ -435,7 +331,7 @@ def main(argv=None):
            forms=sorted(cpu_ops_forms()) if forms is None else list(forms), env=args.env, jax=jax.__version__,
            date=time.strftime("%Y-%m-%d %H:%M"))
   print(summary_line(label, r))
-  print("ops:", json.dumps(dict(list(r["census"]["ops"].items())[:25])))
+  print("other kernels:", json.dumps(r["census"]["other_ops"]))
   line = json.dumps(r)
   if args.json_out:
     with open(args.json_out, "a") as f:

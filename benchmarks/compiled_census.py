@@ -3,6 +3,7 @@
   python benchmarks/compiled_census.py --target v5e:2x4 --size paper --out /tmp/census_v5e
   python benchmarks/compiled_census.py --target h100 --size paper        # needs the CUDA plugin
   python benchmarks/compiled_census.py --target v5e:2x4 --size small --compare before.json
+  python benchmarks/compiled_census.py --batch 8 --remat none --accum 8   # 8 micro-batches
 
 Compiles exactly the step training compiles (`compile_plan.Planner`: the recipe's mesh over
 the target's devices, the state's shardings, `make_train_step` + `jit_train_step`) for
@@ -22,7 +23,9 @@ unrolled layers, the configuration the H200 measured (docs/benchmarks.md), unles
 
 Writes `census.json` (everything), `census.txt` (the tables) and, with `--hlo`,
 `train_step.hlo.txt` (the optimized HLO) under `--out`; `--compare OLD.json` prints each
-figure beside an earlier run's (what changed between two versions of the model).
+figure beside an earlier run's (what changed between two versions of the model), both per
+optimizer update: with `--accum K` (gradient accumulation, `optimizer.grad_accum_steps`)
+one update is K calls of the step, the update's own branch counted once.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ def run(args) -> dict:
   per_device = args.batch or (GPU_BATCH if gpu and args.size == "paper" else
                               8 if args.size == "small" else max(1, c.batch_size // n))
   c.batch_size = per_device * n
+  accum = max(1, args.accum or 1)
+  c.optimizer.grad_accum_steps = accum
   if args.remat is not None:
     c.model.remat = args.remat
   elif gpu:
@@ -103,7 +108,8 @@ def run(args) -> dict:
   print(f"Compiling the pretraining train step for {args.target} ({n} x "
         f"{devices[0].device_kind}), size {args.size}: {c.model.vision.variant} + "
         f"{c.model.text.variant}, {c.num_frames} frames, {per_device} clips per device, "
-        f"{c.model.dtype}, remat {c.model.remat}, scan_layers {c.model.scan_layers} ...",
+        f"{c.model.dtype}, remat {c.model.remat}, scan_layers {c.model.scan_layers}"
+        + (f", {accum} micro-batches an update" if accum > 1 else "") + " ...",
         flush=True)
   t0 = time.perf_counter()
   captured = {}
@@ -129,11 +135,21 @@ def run(args) -> dict:
       benchmark="compiled_census", target=args.target, device_kind=devices[0].device_kind,
       devices=n, size=args.size, batch_per_device=per_device, frames=c.num_frames,
       mlm=bool(c.loss_weights.get("mlm", 1)), dtype=c.model.dtype, remat=c.model.remat,
-      scan_layers=c.model.scan_layers, mode=c.model.fusion.mode,
+      scan_layers=c.model.scan_layers, mode=c.model.fusion.mode, accum=accum,
       compile_s=round(time.perf_counter() - t0, 1), jax=jax.__version__,
       date=time.strftime("%Y-%m-%d"))
+  if accum > 1:
+    result["per_update"] = per_update(result, accum, chip)
   table = hlo_census.format_census(
       result, f"the pretraining train step ({args.size} size, {args.target})")
+  if accum > 1:
+    u = result["per_update"]
+    table += (f"\nper optimizer update ({accum} micro-batches of {per_device} clips a device): "
+              f"{u['kernel_bytes'] / 1e9:.2f} GB census bytes, {u['matmul_flops'] / 1e12:.3f} "
+              f"TFLOP in products" + (f", roofline {u['roofline']['roofline_s'] * 1e3:.1f} ms, "
+                                       f"MFU bound {100 * u['roofline']['mfu_bound']:.1f}%"
+                                       if u.get("roofline") else "")
+              + f" (the update's branch, {result['hlo']['branch_bytes'] / 1e9:.2f} GB, once)")
   print(table)
   print(f"compile {result['compile_s']:.0f} s (lowering included)")
   if args.out:
@@ -154,6 +170,22 @@ def run(args) -> dict:
   return result
 
 
+def per_update(result: dict, accum: int, chip: str | None) -> dict:
+  """Figures of one optimizer update made of `accum` calls of the step (optax.MultiSteps):
+  every kernel `accum` times, except the conditional's branches (the update, or the
+  pass-through), which the census counts once a call and which run once an update."""
+  h = result["hlo"]
+  once = h["branch_bytes"]
+  out = {"micro_batches": accum,
+         "kernel_bytes": accum * (h["kernel_bytes"] - once) + once,
+         "matmul_flops": accum * h["matmul_flops"],
+         "model_flops": accum * (result.get("model_flops") or 0)}
+  if chip is not None:
+    out["roofline"] = hlo_census.roofline(out["matmul_flops"], out["kernel_bytes"],
+                                          hlo_census.CHIPS[chip], out["model_flops"] or None)
+  return out
+
+
 def compare(old: dict, new: dict) -> str:
   """Each headline figure of two censuses side by side, with the change in percent."""
   def row(label, a, b, scale, unit):
@@ -163,9 +195,12 @@ def compare(old: dict, new: dict) -> str:
     change = f"{100 * (b - a) / a:+.1f}%" if a else "-"
     return f"  {label:<40} {a / scale:>12.3f} {b / scale:>12.3f} {change:>8} {unit}"
 
-  ho, hn = old["hlo"], new["hlo"]
+  ho, hn = _per_update_view(old), _per_update_view(new)
   lines = [f"Compiled census, before -> after ({old.get('target')} {old.get('size')}, "
-           f"{old.get('date')} -> {new.get('target')} {new.get('size')}, {new.get('date')}):",
+           f"{old.get('batch_per_device')} clips x {old.get('accum', 1)}, remat "
+           f"{old.get('remat')}, {old.get('date')} -> {new.get('target')} {new.get('size')}, "
+           f"{new.get('batch_per_device')} clips x {new.get('accum', 1)}, remat "
+           f"{new.get('remat')}, {new.get('date')}), per optimizer update:",
            f"  {'figure':<40} {'before':>12} {'after':>12} {'change':>8}"]
   lines.append(row("census bytes (kernel operands+results)", ho["kernel_bytes"],
                    hn["kernel_bytes"], 1e9, "GB"))
@@ -180,12 +215,27 @@ def compare(old: dict, new: dict) -> str:
     a, b = ho["categories"].get(cat, {}), hn["categories"][cat]
     lines.append(row(f"{cat} bytes", a.get("bytes"), b["bytes"], 1e9, "GB"))
     lines.append(row(f"{cat} count", a.get("count"), b["count"], 1, ""))
-  ro, rn = old.get("roofline"), new.get("roofline")
+  ro = (old.get("per_update") or old).get("roofline")
+  rn = (new.get("per_update") or new).get("roofline")
   if ro and rn:
     lines.append(row("roofline time", ro["roofline_s"], rn["roofline_s"], 1e-3, "ms"))
     if "mfu_bound" in ro and "mfu_bound" in rn:
       lines.append(row("MFU bound", ro["mfu_bound"], rn["mfu_bound"], 0.01, "%"))
   return "\n".join(lines)
+
+
+def _per_update_view(c: dict) -> dict:
+  """The census of `c` with byte counts, kernel counts and FLOPs taken per optimizer update
+  (unchanged for a step without gradient accumulation; XLA's own figures stay per call)."""
+  h, k = dict(c["hlo"]), int(c.get("accum", 1) or 1)
+  if k == 1:
+    return h
+  h["kernel_bytes"] = c["per_update"]["kernel_bytes"]
+  h["matmul_flops"] = c["per_update"]["matmul_flops"]
+  h["kernels"] = k * h["kernels"]
+  h["categories"] = {name: {"count": k * v["count"], "bytes": k * v["bytes"]}
+                     for name, v in h["categories"].items()}
+  return h
 
 
 def main(argv=None):
@@ -197,6 +247,9 @@ def main(argv=None):
   p.add_argument("--batch", type=int, help="clips per device")
   p.add_argument("--frames", type=int, help="frames per clip (default: the recipe's 4)")
   p.add_argument("--no-mlm", action="store_true", help="drop the MLM loss (the fine-tuning step)")
+  p.add_argument("--accum", type=int, metavar="K",
+                 help="gradient accumulation: K micro-batches of --batch clips an update "
+                      "(optimizer.grad_accum_steps); figures also given per update")
   p.add_argument("--remat", choices=("none", "full", "save_dots"),
                  help="per-layer remat (default: the recipe's on a TPU, none on a GPU)")
   p.add_argument("--scan", choices=("auto", "on", "off"),

@@ -243,3 +243,116 @@ ENTRY %main (a: f32[12,64,32], b: f32[64,32], i: s32[]) -> (f32[12,64,32], f32[6
   # Reads the layer and the index; writes the update and the negation; the buffer is not read.
   assert c["kernel_bytes"] == layer + 4 + 2 * layer
   assert c["categories"]["elementwise_fusion"]["count"] == 1
+
+
+def _product(a, b):
+  return a @ b   # the source line the census must name for this product
+
+
+def test_largest_sources_name_the_line_and_the_pass():
+  """A compiled program's kernels are grouped by the project line that made them (from
+  the stack-frame tables of the HLO text) and by pass: the product of `_product` in the
+  forward pass and its two gradient products in the backward pass."""
+  line = _product.__code__.co_firstlineno + 1
+  loss = lambda a, b: jnp.tanh(_product(a, b)).sum()
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+      jnp.ones((64, 128)), jnp.ones((128, 96))).compile()
+  text = compiled.as_text()
+  frames = hlo_census.stack_frame_sources(text)
+  assert any(f"test_hlo_census.py:{line} _product" == v for v in frames.values()), frames
+  rows = hlo_census.census_from_text(text)["largest_sources"]
+  products = [r for r in rows if r["kind"] == "matmul"]
+  where = f"test_hlo_census.py:{line} _product"
+  forward = [r for r in products if r["source"].startswith(where) and "[forward]" in r["source"]]
+  backward = [r for r in products if r["source"].startswith(where) and "[backward]" in r["source"]]
+  assert sum(r["count"] for r in forward) == 1 and sum(r["count"] for r in backward) == 2, rows
+  assert rows == sorted(rows, key=lambda r: -r["bytes"])
+  assert "largest groups by bytes" in hlo_census.format_census(
+      {"hlo": hlo_census.census_from_text(text), "figures": "compiled"})
+
+
+def test_kernels_xla_added_are_named_by_shape():
+  c = hlo_census.census_from_text(MODULE)   # hand-written: no metadata, no stack frames
+  copy = [r for r in c["largest_sources"] if r["kind"] == "copy"]
+  assert copy == [{"kind": "copy", "source": "(added by XLA) copy -> f32[16,64]", "count": 1,
+                   "bytes": 2 * 16 * 64 * F32}]
+
+
+def test_conditional_branches_are_counted_once_and_said():
+  """Both branches of a conditional are counted (which one runs is not known here), and
+  `branch_bytes` says how much of the total they are: gradient accumulation's update runs
+  in one call of k."""
+  def step(flag, x, w):
+    return jax.lax.cond(flag, lambda x: x @ w, lambda x: x * 2.0, x)
+
+  compiled = jax.jit(step).lower(True, jnp.ones((64, 256)), jnp.ones((256, 256))).compile()
+  c = hlo_census.census_from_text(compiled.as_text())
+  product = (64 * 256 + 256 * 256 + 64 * 256) * F32
+  assert c["matmul_flops"] == 2 * 64 * 256 * 256
+  assert product <= c["branch_bytes"] <= c["kernel_bytes"]
+  plain = jax.jit(lambda x, w: x @ w).lower(jnp.ones((64, 256)), jnp.ones((256, 256)))
+  no_branch = hlo_census.census_from_text(plain.compile().as_text())
+  assert no_branch["branch_bytes"] == 0
+
+
+def test_per_update_figures_of_gradient_accumulation():
+  import sys  # noqa: PLC0415
+  bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+  if bench not in sys.path:
+    sys.path.append(bench)
+  import compiled_census  # noqa: PLC0415
+
+  result = {"hlo": {"kernel_bytes": 1000, "branch_bytes": 100, "matmul_flops": 5e9,
+                    "kernels": 7, "categories": {"matmul": {"count": 2, "bytes": 600}}},
+            "model_flops": 4e9, "accum": 4}
+  u = compiled_census.per_update(result, 4, "v5e")
+  # Four calls of the step; the update branch once, not four times.
+  assert u["kernel_bytes"] == 4 * 900 + 100 and u["matmul_flops"] == 2e10
+  assert u["roofline"]["roofline_s"] == max(2e10 / 197e12, 3700 / 0.819e12)
+  result["per_update"] = u
+  view = compiled_census._per_update_view(result)
+  assert view["kernel_bytes"] == 3700 and view["kernels"] == 28
+  assert view["categories"]["matmul"] == {"count": 8, "bytes": 2400}
+
+
+def test_buffers_a_fusion_hands_on_untouched_are_not_counted():
+  """XLA:TPU's asynchronous collective fusions return their in-flight buffers as tuple
+  elements that are just their parameters: neither read nor written by the kernel."""
+  text = """\
+HloModule m, is_scheduled=true
+
+%carry_fusion (p0: f32[1024], p1: f32[16]) -> (f32[16], f32[1024]) {
+  %p0 = f32[1024]{0} parameter(0)
+  %p1 = f32[16]{0} parameter(1)
+  %m = f32[16]{0} multiply(%p1, %p1)
+  ROOT %t = (f32[16]{0}, f32[1024]{0}) tuple(%m, %p0)
+}
+
+ENTRY %main (a: f32[1024], b: f32[16]) -> (f32[16], f32[1024]) {
+  %a = f32[1024]{0} parameter(0)
+  %b = f32[16]{0} parameter(1)
+  ROOT %f = (f32[16]{0}, f32[1024]{0}) fusion(%a, %b), kind=kLoop, calls=%carry_fusion
+}
+"""
+  c = hlo_census.census_from_text(text)
+  assert c["kernel_bytes"] == 2 * 16 * F32     # reads b, writes the product; `a` untouched
+
+
+def test_on_chip_memory_is_not_hbm_traffic():
+  """A TPU prefetch (copy-start into memory space S(1)) reads HBM and writes on-chip
+  memory; the kernel that then reads the prefetched buffer reads it on-chip."""
+  text = """\
+HloModule m, is_scheduled=true
+
+ENTRY %main (a: f32[256]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %cs = (f32[256]{0:T(256)S(1)}, f32[256]{0:T(256)}, u32[]{:S(2)}) copy-start(%a)
+  %cd = f32[256]{0:T(256)S(1)} copy-done(%cs)
+  ROOT %n = f32[256]{0:T(256)} negate(%cd)
+}
+"""
+  hbm = hlo_census.census_from_text(text)
+  assert hbm["categories"]["copy"] == {"count": 1, "bytes": 256 * F32}   # the HBM read
+  assert hbm["kernel_bytes"] == 2 * 256 * F32                             # + negate's write
+  every = hlo_census.census_from_text(text, on_chip=True)
+  assert every["kernel_bytes"] == 4 * 256 * F32

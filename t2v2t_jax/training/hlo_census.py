@@ -21,15 +21,25 @@ bodies of its loops, conditionals and calls; not the insides of fusions):
   - collectives (all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute),
   - custom calls by target (`__cublas$gemm`, `__cudnn$...`, TPU ones),
 each with its count and bytes. A loop body is counted as many times as the loop runs
-(XLA's `known_trip_count`): a scanned layer stack is then counted layer by layer.
+(XLA's `known_trip_count`): a scanned layer stack is then counted layer by layer. Both
+branches of a conditional are counted once a call (an upper bound); `branch_bytes` says
+how much of the total they are (gradient accumulation's update runs once in k calls).
+
+Where the bytes come from: `largest_sources` groups the kernels by kind and by the source
+line in this project that made them (read from the stack-frame tables JAX writes at the
+head of the HLO text), with the pass (`forward`, `backward`, `recomputed` by remat) from
+the op name; kernels XLA added itself (copies for loop state and layouts, TPU slices)
+carry no source and are grouped by the shape they move.
 
 Why our own count beside XLA's `cost_analysis()`: XLA's counts a `while` body once, so
 with scanned layers (on TPU) its FLOPs and bytes are for one layer of each stack; and a
 GPU program compiled without a GPU has no cost analysis at all (jax 0.10.2 returns None).
-The census's bytes are each kernel's operands plus its results (a slice of a larger
-operand counted at the slice's size, an in-place update at the update's), an estimate of
-HBM traffic that ignores caches; its FLOPs are the matrix products' alone (2 x
-multiply-adds), as the MFU convention counts them.
+The census's bytes are each kernel's operands plus its results in HBM (a slice of a
+larger operand counted at the slice's size, also inside nested fusions, an in-place update
+at the update's; arrays XLA:TPU placed in on-chip memory, layout memory space `S(1)`, and
+buffers a fusion only hands on are not counted), an estimate of HBM traffic that ignores
+caches; its FLOPs are the matrix products' alone (2 x multiply-adds), as the MFU
+convention counts them.
 
 Roofline: time = max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) at the chip's published
 bf16 dense peak and HBM bandwidth (`CHIPS`). The MFU bound is the model's FLOPs time at
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 # -- chips ---------------------------------------------------------------------------------
@@ -95,12 +106,18 @@ _DTYPE_BYTES = {
     "f64": 8, "c64": 8, "c128": 16, "token": 0, "tf32": 4,
 }
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,<=?]*)\]")
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,<=?]*)\](\{[^{}]*\})")
+_SPACE = re.compile(r"S\((\d+)\)")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"^\s*([a-z][a-z0-9\-]*)\(")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?([0-9]+)')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+# How many of the largest (kind, source op) groups a census lists.
+TOP_SOURCES = 40
 _FUSION_KIND = re.compile(r"\bkind=k([A-Za-z]+)")
 _CUSTOM_FUSION_KIND = re.compile(r'"fusion_backend_config"\s*:\s*\{[^{}]*?"kind"\s*:\s*"([^"]+)"')
 
@@ -338,9 +355,28 @@ class _Tally:
     self.bytes += n * b
 
 
-def census_from_text(text: str) -> dict:
-  """The census of an optimized HLO module's text (see the module docstring)."""
+def _hbm_view(type_str: str) -> str:
+  """`type_str` with every array that lives in on-chip memory (a layout memory space
+  `S(n)`, n >= 1: XLA:TPU's memory-space assignment prefetches into on-chip memory and
+  keeps small scalars and sync flags there) replaced by a 0-byte `token[]`, tuple positions
+  kept: what a kernel reads and writes in HBM."""
+  if "S(" not in type_str:
+    return type_str
+  def one(m):
+    space = _SPACE.search(m.group(3))
+    return "token[]" if space and int(space.group(1)) >= 1 else m.group(0)
+  return _ARRAY_LAYOUT.sub(one, type_str)
+
+
+def census_from_text(text: str, on_chip: bool = False) -> dict:
+  """The census of an optimized HLO module's text (see the module docstring). Arrays in
+  on-chip memory spaces are not counted unless `on_chip` (the census estimates HBM
+  traffic)."""
   comps = parse_hlo(text)
+  if not on_chip:
+    for comp in comps.values():
+      for ins in comp.instrs:
+        ins.type_str = _hbm_view(ins.type_str)
   types = {i.name: i.type_str for c in comps.values() for i in c.instrs}
   by_name = {i.name: i for c in comps.values() for i in c.instrs}
   entry = next((c for c in comps.values() if c.is_entry), None)
@@ -349,13 +385,16 @@ def census_from_text(text: str) -> dict:
 
   # How many times each computation runs per call of the program.
   runs: dict[str, float] = {}
+  in_branch: set[str] = set()   # computations that run as (part of) a conditional's branch
   unknown_trips = 0
-  stack = [(entry.name, 1.0)]
+  stack = [(entry.name, 1.0, False)]
   while stack:
-    name, n = stack.pop()
+    name, n, branch = stack.pop()
     if name not in comps:
       continue
     runs[name] = runs.get(name, 0.0) + n
+    if branch:
+      in_branch.add(name)
     for ins in comps[name].instrs:
       if ins.opcode == "while":
         trip = _TRIP.search(ins.attrs)
@@ -363,16 +402,17 @@ def census_from_text(text: str) -> dict:
         if t is None:
           unknown_trips += 1
           t = 1.0
-        stack += [(b, n * t) for b in _called(ins.attrs, "body")]
-        stack += [(b, n * (t + 1)) for b in _called(ins.attrs, "condition")]
+        stack += [(b, n * t, branch) for b in _called(ins.attrs, "body")]
+        stack += [(b, n * (t + 1), branch) for b in _called(ins.attrs, "condition")]
       elif ins.opcode == "conditional":
-        # One branch runs; which is unknown here: each is counted once (an upper bound).
+        # One branch runs; which is unknown here: each is counted once (an upper bound;
+        # `branch_bytes` says how much of the total that is).
         for key in ("branch_computations", "true_computation", "false_computation"):
-          stack += [(b, n) for b in _called(ins.attrs, key)]
+          stack += [(b, n, True) for b in _called(ins.attrs, key)]
       elif ins.opcode == "call":
-        stack += [(b, n) for b in _called(ins.attrs, "to_apply")]
+        stack += [(b, n, branch) for b in _called(ins.attrs, "to_apply")]
       elif ins.opcode == "async-start":
-        stack += [(b, n) for b in _called(ins.attrs, "calls")]
+        stack += [(b, n, branch) for b in _called(ins.attrs, "calls")]
 
   fusion_kinds: dict[str, _Tally] = {}
   custom_calls: dict[str, _Tally] = {}
@@ -383,6 +423,9 @@ def census_from_text(text: str) -> dict:
   matmul_flops = 0.0
   kernels = 0.0
   kernel_bytes = 0.0
+  branch_bytes = 0.0
+  by_source: dict[tuple[str, str], _Tally] = {}
+  frames = stack_frame_sources(text)
 
   def users_of(comp: Computation, name: str) -> list[Instr]:
     return [i for i in comp.instrs if name in i.operands]
@@ -409,15 +452,17 @@ def census_from_text(text: str) -> dict:
       if pname in in_place:
         continue          # updated in place: not read
       users = users_of(fused, pname)
-      if users and all(u.opcode in _SLICING and u.operands and u.operands[0] == pname
-                       for u in users):
-        total += sum(shape_bytes(u.type_str) for u in users)
-      else:
-        total += full
+      if users and all(u is root and root.opcode == "tuple" for u in users):
+        continue          # only handed on to the results untouched (below): not read
+      total += _read_bytes(comps, fused, pname, full)
     for r in results:
       if r is None:
         return total + shape_bytes(ins.type_str)   # unreadable: the whole result
     for r in results:
+      if r.opcode == "parameter":
+        # A buffer the fusion hands on untouched (XLA:TPU's asynchronous collective
+        # fusions carry their in-flight buffers this way): neither read nor written.
+        continue
       if r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
         total += shape_bytes(types.get(r.operands[1], ""))   # written in place: the update
       else:
@@ -443,14 +488,15 @@ def census_from_text(text: str) -> dict:
         flops = sum(_matmul_flops(i, types) for i in _fused_instrs(comps, fused)
                     if i.opcode in ("dot", "convolution"))
         if flops or "dot" in inner or "convolution" in inner:
-          cats["matmul"].add(n, b)
+          label = "matmul"
           matmul_flops += n * flops
         elif "reduce" in inner or "reduce-window" in inner:
-          cats["reduction"].add(n, b)
+          label = "reduction"
         elif inner <= _LAYOUT_ONLY and inner & {"copy", "transpose"}:
-          cats["layout_fusion"].add(n, b)
+          label = "layout_fusion"
         else:
-          cats["elementwise_fusion"].add(n, b)
+          label = "elementwise_fusion"
+        cats[label].add(n, b)
       else:
         out_bytes = (sum(_array_bytes(a) for a in _start_results(ins, types))
                      if op.endswith("-start") else shape_bytes(ins.type_str))
@@ -459,19 +505,26 @@ def census_from_text(text: str) -> dict:
           b = 2 * out_bytes        # reads the slice, not the sliced buffer
         elif base == "dynamic-update-slice" and len(ins.operands) > 1:
           b = 2 * shape_bytes(types.get(ins.operands[1], ""))
+        label = f"other:{op}"
         if base in _COLLECTIVES:
           # What a collective moves: its result (for an all-reduce, the reduced buffer).
           collectives.setdefault(base, _Tally()).add(n, out_bytes)
+          label = f"collective:{base}"
         elif op in ("copy", "copy-start"):
-          cats["copy"].add(n, 2 * out_bytes)
-          b = 2 * out_bytes
+          # Reads its source, writes its destination; on TPU one of them is often on-chip
+          # memory (a prefetch or an eviction), which is not counted.
+          cats["copy"].add(n, b)
+          label = "copy"
         elif op == "transpose":
           cats["transpose"].add(n, b)
+          label = "transpose"
         elif op in ("reduce", "reduce-window"):
           cats["reduction"].add(n, b)
+          label = "reduction"
         elif op in ("dot", "convolution"):
           cats["matmul"].add(n, b)
           matmul_flops += n * _matmul_flops(ins, types)
+          label = "matmul"
         elif op == "custom-call":
           # A library call's trailing byte-typed results are its scratch space (cuBLAS's
           # and cuDNN's workspace), not data it reads or writes in HBM for the program.
@@ -483,19 +536,26 @@ def census_from_text(text: str) -> dict:
           target_m = _TARGET.search(ins.attrs)
           target = target_m.group(1) if target_m else "?"
           custom_calls.setdefault(target, _Tally()).add(n, b)
+          label = f"custom:{target}"
           if "gemm" in target.lower() or "matmul" in target.lower():
             cats["matmul"].add(n, b)
             matmul_flops += n * _gemm_custom_call_flops(ins, types)
+            label = "matmul"
         else:
           other_ops.setdefault(op, _Tally()).add(n, b)
       kernels += n
       kernel_bytes += n * b
+      if cname in in_branch:
+        branch_bytes += n * b
+      # Where the bytes come from: the project line that made the kernel and its pass.
+      by_source.setdefault((label, _source(ins, frames)), _Tally()).add(n, b)
 
   as_dict = lambda d: {k: {"count": int(v.count), "bytes": int(v.bytes)}
                        for k, v in sorted(d.items(), key=lambda kv: -kv[1].bytes)}
   return {
       "kernels": int(kernels),
       "kernel_bytes": int(kernel_bytes),
+      "branch_bytes": int(branch_bytes),
       "matmul_flops": matmul_flops,
       "categories": as_dict(cats),
       "fusions_by_kind": as_dict(fusion_kinds),
@@ -504,7 +564,109 @@ def census_from_text(text: str) -> dict:
       "other_ops": as_dict(other_ops),
       "loops": sum(1 for c in runs for i in comps[c].instrs if i.opcode == "while"),
       "loops_without_trip_count": unknown_trips,
+      "largest_sources": [
+          {"kind": k, "source": src, "count": int(v.count), "bytes": int(v.bytes)}
+          for (k, src), v in sorted(by_source.items(), key=lambda kv: -kv[1].bytes)[:TOP_SOURCES]],
   }
+
+
+def stack_frame_sources(text: str) -> dict[int, str]:
+  """`stack_frame_id` -> `file.py:line function` of the innermost frame in this project's
+  code (`t2v2t_jax/`), else the innermost outside site-packages, else the innermost, from
+  the FileNames / FunctionNames / FileLocations / StackFrames tables JAX writes at the head
+  of an HLO module's text (ids 1-based; a parent id is printed one above the parent's, 0
+  or 1 meaning none)."""
+  tables: dict[str, dict[int, str]] = {}
+  current = None
+  for line in text.splitlines():
+    if line.startswith(("HloModule", " ")) or not line:
+      continue
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+      continue
+    if _HEADER.match(line):
+      break     # the computations begin
+    if current is None or not line[0].isdigit():
+      continue
+    key, _, value = line.partition(" ")
+    current[int(key)] = value
+  if "StackFrames" not in tables:
+    return {}
+  files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+  funcs = {k: v.strip('"') for k, v in tables.get("FunctionNames", {}).items()}
+  locs, parents = {}, {}
+  for k, v in tables.get("FileLocations", {}).items():
+    f = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", v)
+    if f:
+      path = files.get(int(f.group(1)), "?")
+      cut = path.rfind("/t2v2t_jax/")
+      short = path[cut + 1:] if cut >= 0 else os.path.basename(path)
+      locs[k] = (path, f"{short}:{f.group(3)} {funcs.get(int(f.group(2)), '?')}")
+  for k, v in tables["StackFrames"].items():
+    f = re.search(r"file_location_id=(\d+) parent_frame_id=(\d+)", v)
+    if f:
+      parents[k] = (int(f.group(1)), int(f.group(2)) - 1)
+  out = {}
+  for frame in parents:
+    chain, seen, f = [], set(), frame
+    while f in parents and f not in seen and len(chain) < 64:
+      seen.add(f)
+      loc, parent = parents[f]
+      if loc in locs:
+        chain.append(locs[loc])
+      f = parent
+    pick = (next((c for c in chain if "/t2v2t_jax/" in c[0]), None)
+            or next((c for c in chain if "site-packages" not in c[0]), None)
+            or (chain[0] if chain else None))
+    if pick:
+      out[frame] = pick[1]
+  return out
+
+
+def _source(ins: Instr, frames: dict[int, str]) -> str:
+  """Where a kernel comes from: the project's source line (from its stack frame) and the
+  JAX op name's transforms (`transpose(jvp())`: the backward pass; `rematted_computation`:
+  recomputed by remat). Kernels XLA added itself (copies for loop state and layouts) have
+  no source: their result shape says what they move."""
+  attrs = ins.attrs
+  m = _OP_NAME.search(attrs)
+  if not m and not _FRAME.search(attrs):
+    return f"(added by XLA) {ins.opcode} -> {re.sub(r'{[^{}]*}', '', ins.type_str)[:90]}"
+  op = re.sub(r"^jit\([^)]*\)/", "", m.group(1)) if m else ""
+  parts = [p for p in op.split("/") if p not in ("while", "body", "closed_call", "cond")]
+  passes = "backward" if op.startswith("transpose(") else "forward" if op else ""
+  if "rematted_computation" in op:
+    passes += " (recomputed)"
+  what = parts[-1] if parts else "?"
+  f = _FRAME.search(attrs)
+  where = frames.get(int(f.group(1))) if f else None
+  return " ".join(x for x in (where or "?", what, passes and f"[{passes}]") if x)
+
+
+def _read_bytes(comps: dict, fused: Computation, pname: str, full: float,
+                depth: int = 0) -> float:
+  """Bytes a fusion reads of its parameter `pname` (`full` bytes): the slices it takes
+  where every use is a slice (a scanned layer's stacked weights or saved activations, of
+  which one layer is read), following the parameter into nested fusions (XLA:TPU nests
+  them); else all of it."""
+  users = [i for i in fused.instrs if pname in i.operands]
+  if not users or depth > 8:
+    return full
+  read = 0.0
+  for u in users:
+    if u.opcode in _SLICING and u.operands[0] == pname:
+      read += shape_bytes(u.type_str)
+    elif u.opcode == "fusion":
+      inner = comps.get(next(iter(_called(u.attrs, "calls")), ""))
+      if inner is None:
+        return full
+      params = {i.param_index: i.name for i in inner.instrs if i.opcode == "parameter"}
+      for idx, operand in enumerate(u.operands):
+        if operand == pname and idx in params:
+          read += _read_bytes(comps, inner, params[idx], full, depth + 1)
+    else:
+      return full
+  return min(read, full)
 
 
 def _trip_from_condition(comps: dict, loop: Instr, by_name: dict) -> float | None:
@@ -674,6 +836,12 @@ def format_census(c: dict, title: str = "") -> str:
   for name, v in rows:
     lines.append(f"{name:<48} {v['count']:>10,} {_g(v['bytes']):>10} "
                  f"{100 * v['bytes'] / total:>7.1f}%")
+  top = h.get("largest_sources") or []
+  if top:
+    lines.append("largest groups by bytes (kind, the JAX operation that made the kernels):")
+    for row in top[:12]:
+      lines.append(f"  {row['kind']:<20} {row['count']:>8,} {_g(row['bytes']):>9} GB  "
+                   f"{row['source'][:110]}")
   if c.get("chip"):
     spec = c["chip_figures"]
     lines.append(f"roofline on {spec['name']} ({spec['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense, "
