@@ -184,3 +184,39 @@ def test_batch_search_finds_the_largest_fitting_batch(fixed, per_sample, start):
 def test_batch_search_reports_none_when_nothing_fits():
   p = LinearPlanner(20 * GIB, 0.1 * GIB, 16 * GIB)
   assert p.find_max_batch({4: p.train_step(4)}, log=lambda s: None) is None
+
+
+@needs_libtpu
+def test_the_planned_step_takes_the_recipes_objective(monkeypatch):
+  """The planner compiles the step training runs: the recipe's protocol ('vindlu': VTM
+  negatives per group of the poster's per-GPU batch, VTC weighted 1/W; until 2026-12-06 it
+  compiled negatives from the whole batch, which all-gathers every clip's video tokens to
+  every chip). A candidate batch of the batch search that the groups do not divide takes
+  negatives from the whole batch."""
+  from t2v2t_jax.training import train_step as step_lib  # noqa: PLC0415
+
+  class Stop(Exception):
+    pass
+
+  seen = []
+
+  def record(*args, **kwargs):
+    seen.append(kwargs)
+    raise Stop   # the arguments are what is checked: nothing is compiled
+
+  monkeypatch.setattr(step_lib, "make_train_step", record)
+  devices = tpu_topology.topology_devices("v5e:2x4")
+  for gpu_batch, per_chip, groups in ((4, 4, 8), (16, 4, 2), (16, 3, 1)):
+    config = tiny_config("v5e:2x4")
+    config.vindlu_gpu_batch = gpu_batch
+    config.batch_size = 8 * 4
+    with pytest.raises(Stop):
+      compile_plan.Planner(config, devices).train_step(per_chip)
+    assert seen[-1]["negative_groups"] == groups, (gpu_batch, per_chip, seen[-1])
+    assert seen[-1]["mlm_groups"] == groups
+  assert seen[0]["loss_weights"]["vtc"] == pytest.approx(1 / config.vindlu_world_size)
+  # The recipe's own batch is never quietly changed: one the groups do not divide is refused.
+  config = tiny_config("v5e:2x4")
+  config.vindlu_gpu_batch, config.batch_size = 16, 24
+  with pytest.raises(ValueError, match="not a multiple"):
+    compile_plan.Planner(config, devices).train_step(3)

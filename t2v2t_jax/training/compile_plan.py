@@ -162,16 +162,26 @@ class Planner:
   @cpu_ops.portable_forms()
   def train_step(self, batch_per_device: int) -> ProgramReport:
     c = self.config
+    b = batch_per_device * self.mesh.size
+    # The objective's settings as training takes them (protocol, negative groups), so
+    # that the planned program is the one that runs.
+    try:
+      settings = step_lib.objective_settings(c, b, self.mesh)
+    except ValueError:
+      if b == c.batch_size:
+        raise
+      # A candidate of the batch search (find_max_batch) that the recipe's VTM negative
+      # groups do not divide: compiled with negatives from the whole batch, which needs at
+      # least the memory of per-group ones (every clip's video tokens on every chip), so
+      # the search errs on the safe side.
+      single = c.copy_and_resolve_references()
+      single.protocol, single.vtm_negatives = "global", "global"
+      settings = step_lib.objective_settings(single, b, self.mesh)
     step = step_lib.jit_train_step(
         step_lib.make_train_step(
-            self.graphdef, self.tx, loss_weights=c.loss_weights,
-            special_ids=special_ids(c.model.text.vocab_size),
-            temp_bounds=(c.model.temp_min, c.model.temp_max),
-            negative_groups=step_lib.negative_groups(
-                c.get("vtm_negatives", "global"), batch_per_device * self.mesh.size,
-                self.mesh)),
+            self.graphdef, self.tx, special_ids=special_ids(c.model.text.vocab_size),
+            temp_bounds=(c.model.temp_min, c.model.temp_max), **settings),
         self.shardings, self.mesh)
-    b = batch_per_device * self.mesh.size
     size = c.model.vision.image_size
     batch_sh = sharding_lib.batch_sharding(self.mesh)
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
