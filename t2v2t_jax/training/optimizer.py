@@ -14,6 +14,8 @@ a half cosine over optimizer updates, both reaching `lr` at the end of the warmu
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,7 +41,7 @@ def optimizer_config() -> ml_collections.ConfigDict:
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8
-  c.grad_accum_steps = 1    # >1: optax.MultiSteps, one update every k micro-batches
+  c.grad_accum_steps = 1    # >1: one update every k micro-batches (accumulate_every)
   c.grad_clip_norm = config_dict.placeholder(float)  # None = no clipping (VindLU)
   c.schedule = ""           # '' = the protocol's | 'vindlu' | 'warmup_cosine' (module docstring)
   return c
@@ -185,10 +187,66 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, protocol: s
   tx = optax.chain(*chain) if len(chain) > 1 else chain[0]
   accum = int(cfg.get("grad_accum_steps", 1) or 1)
   if accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
+    tx = accumulate_every(tx, accum)
   return tx
+
+
+class AccumulationState(NamedTuple):
+  """Gradient accumulation: micro-batches taken since the last update (0 .. k-1), the sum
+  of their gradients (float32), and the wrapped optimizer's state."""
+  mini_step: jax.Array
+  acc_grads: Any
+  inner_opt_state: Any
+
+
+def accumulate_every(tx: optax.GradientTransformation, k: int) -> optax.GradientTransformation:
+  """`tx` applied once every `k` calls, to the mean of their k gradients; the calls in
+  between return zero updates (the schedule and AdamW's moments advance once an update,
+  as with optax.MultiSteps).
+
+  Why not optax.MultiSteps: it computes `tx`'s update on every micro-batch and keeps or
+  drops it with selects, so every micro-batch reads and writes the whole optimizer state;
+  compiled for a v5e-8 at paper size (8 clips a chip, no remat) that was ~9 GB of each
+  chip's ~66 GB a micro-batch (docs/benchmarks.md, issue 26). Here the update is a
+  `lax.cond` branch taken once in k: the micro-batches in between only add their
+  gradients. `update_applied` tells the train step when to apply the updates.
+  """
+  k = int(k)
+  if k < 1:
+    raise ValueError(f"grad_accum_steps={k} must be >= 1")
+
+  def init(params):
+    acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return AccumulationState(jnp.zeros((), jnp.int32), acc, tx.init(params))
+
+  def update(grads, state, params=None):
+    acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), state.acc_grads, grads)
+
+    def emit(acc, inner):
+      mean = jax.tree.map(lambda a, g: (a / k).astype(g.dtype), acc, grads)
+      updates, inner = tx.update(mean, inner, params)
+      return updates, inner, jax.tree.map(jnp.zeros_like, acc)
+
+    def hold(acc, inner):
+      return jax.tree.map(jnp.zeros_like, grads), inner, acc
+
+    updates, inner, acc = jax.lax.cond(state.mini_step == k - 1, emit, hold, acc,
+                                       state.inner_opt_state)
+    return updates, AccumulationState((state.mini_step + 1) % k, acc, inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def update_applied(opt_state) -> jax.Array | None:
+  """After `tx.update`: whether its updates are to be applied (False on gradient
+  accumulation's in-between micro-batches, whose updates are zeros), or None when every
+  update is."""
+  if isinstance(opt_state, AccumulationState):
+    return opt_state.mini_step == 0
+  return None
 
 
 __all__ = ["optimizer_config", "learning_rate_schedule", "vindlu_schedule", "schedule_name",
            "weight_decay_mask", "is_decayed", "make_schedule", "make_optimizer",
-           "warmup_and_total_steps", "total_updates"]
+           "warmup_and_total_steps", "total_updates", "AccumulationState", "accumulate_every",
+           "update_applied"]

@@ -15,6 +15,7 @@ from flax import nnx
 
 from t2v2t_jax import sharding as sharding_lib
 from t2v2t_jax.models.t2v2t import clamp_temperature
+from t2v2t_jax.training import optimizer as optimizer_lib
 from t2v2t_jax.training.objective import PROTOCOLS, compute_losses
 from t2v2t_jax.training.train_state import PRNG_IMPL
 from t2v2t_jax.tree_paths import parameter_path
@@ -108,12 +109,20 @@ def make_train_step(graphdef, tx, *, loss_weights, special_ids, temp_bounds, lr_
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # VindLU clamps the temperature before every step; clamping after the update keeps the
-    # stored (and checkpointed) value inside the bounds too.
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: clamp_temperature(x, lo, hi) if parameter_path(path) == ("temp",) else x,
-        params)
+
+    def apply(params):
+      params = optax.apply_updates(params, updates)
+      # VindLU clamps the temperature before every step; clamping after the update keeps
+      # the stored (and checkpointed) value inside the bounds too.
+      return jax.tree_util.tree_map_with_path(
+          lambda path, x: clamp_temperature(x, lo, hi) if parameter_path(path) == ("temp",)
+          else x, params)
+
+    applied = optimizer_lib.update_applied(opt_state)
+    # With gradient accumulation the micro-batches between updates leave the parameters
+    # as they are, without reading and writing them (a branch not taken).
+    params = (apply(state["params"]) if applied is None else
+              jax.lax.cond(applied, apply, lambda p: p, state["params"]))
     metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
     if lr_schedule is not None:
       metrics["lr"] = lr_schedule(step)
