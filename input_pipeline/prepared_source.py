@@ -51,6 +51,7 @@ from PIL import Image
 from input_pipeline import bad_data
 from input_pipeline.frame_sampling import sample_frame_indices
 from t2v2t_jax.errors import Refusal
+from t2v2t_jax.json_input import read_json
 
 VERSION = "1.0.0"
 SPLIT = "videos"
@@ -129,11 +130,6 @@ def record_serializer():
     example = serializer.get_tf_example(feats.encode_example(record))
     return example.SerializeToString(deterministic=True)
   return serialize
-
-
-def read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

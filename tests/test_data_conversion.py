@@ -359,7 +359,7 @@ def test_crafted_files_are_one_fatal_line(tmp_path, capsys, case):
     path = os.path.join(folder, "MSRVTT_data.json")
     with open(path, "w") as f:
       f.write("[" * 100_000 + "]" * 100_000)
-    expected = [path, "nested more than"]
+    expected = [path, "JSON nested too deeply"]
   elif case == "id_list_not_utf8":
     path = os.path.join(folder, "MSRVTT_train.9k.csv")
     with open(path, "wb") as f:

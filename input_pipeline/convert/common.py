@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 
 import tqdm
 
+from t2v2t_jax import json_input
 from t2v2t_jax.errors import Refusal, one_line
 
 # Containers video downloads come in (DiDeMo's Flickr originals included); a file with
@@ -68,17 +69,7 @@ def find_first(src: str, candidates: Sequence[str]) -> str | None:
 
 
 def read_json(path: str):
-  if not os.path.isfile(path):
-    raise ConversionError(f"{path}: file not found")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConversionError(f"{path}: not valid JSON ({e})") from e
-  except RecursionError:
-    # json recurses once per nesting level; the official files nest a few levels deep.
-    raise ConversionError(f"{path}: not an annotation file: JSON nested more than "
-                          f"~{sys.getrecursionlimit()} levels deep") from None
+  return json_input.read_json(path, error=ConversionError)
 
 
 def _text_lines(path: str, f):

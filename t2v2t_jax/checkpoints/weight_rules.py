@@ -29,7 +29,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from t2v2t_jax.errors import Refusal, capped_list, one_line
+from t2v2t_jax import json_input
+from t2v2t_jax.errors import Refusal, capped_list
 
 # A layer index in a key name above this is refused before any range() or set of
 # indices is built (the largest published ViT / BERT variants have under 100 layers).
@@ -168,27 +169,10 @@ def contiguous_count(indices: set[int]) -> int | None:
 # ----------------------------------------------------------------------------------------
 
 def read_json(path, error=Refusal) -> Any:
-  """A JSON file's value, or one `error` naming the file (too large, not UTF-8, not JSON,
-  nested beyond Python's recursion limit)."""
-  from etils import epath  # noqa: PLC0415
-  p = epath.Path(path)
-  name = os.fspath(path)
-  try:
-    with p.open("rb") as f:
-      data = f.read(MAX_JSON_BYTES + 1)  # never more than the cap, whatever the file's size
-  except OSError as e:
-    raise error(f"{name}: cannot be read ({one_line(e)[:200]})") from None
-  if len(data) > MAX_JSON_BYTES:
-    raise error(f"{name}: more than the {MAX_JSON_BYTES:,} bytes a JSON file of a "
-                "checkpoint may have")
-  try:
-    return json.loads(data.decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise error(f"{name}: not UTF-8 text ({one_line(e)[:200]})") from None
-  except RecursionError:
-    raise error(f"{name}: JSON nested too deeply") from None
-  except ValueError as e:
-    raise error(f"{name}: not valid JSON ({one_line(e)[:200]})") from None
+  """A JSON file of a checkpoint, at most `MAX_JSON_BYTES` read; one `error` naming the
+  file (missing, too large, not UTF-8, not JSON, nested too deeply)."""
+  return json_input.read_json(path, error=error, max_bytes=MAX_JSON_BYTES,
+                              what="a JSON file of a checkpoint")
 
 
 def json_object(value, file: str, what: str = "the file", error=Refusal) -> dict:
