@@ -171,9 +171,10 @@ def run(args) -> dict:
 
 
 def per_update(result: dict, accum: int, chip: str | None) -> dict:
-  """Figures of one optimizer update made of `accum` calls of the step (optax.MultiSteps):
-  every kernel `accum` times, except the conditional's branches (the update, or the
-  pass-through), which the census counts once a call and which run once an update."""
+  """Figures of one optimizer update made of `accum` calls of the step (gradient
+  accumulation, `optimizer.accumulate_every`): every kernel `accum` times, except the
+  conditional's branches (the update, or the pass-through), which the census counts once a
+  call and which run once an update."""
   h = result["hlo"]
   once = h["branch_bytes"]
   out = {"micro_batches": accum,
