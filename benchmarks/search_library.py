@@ -108,21 +108,6 @@ def random_weights():
   restore.load_params = load
 
 
-def count_encoded():
-  """A list that receives the number of videos of each batch run through the encoder."""
-  from t2v2t_jax.evaluation.retrieval import RetrievalEvaluator  # noqa: PLC0415
-  counts = []
-  real = RetrievalEvaluator._encoded_batches
-
-  def counting(self, params, data, desc):
-    for index, keep, emb, tok in real(self, params, data, desc):
-      counts.append(int(keep.sum()))
-      yield index, keep, emb, tok
-
-  RetrievalEvaluator._encoded_batches = counting
-  return counts
-
-
 def index_only(args) -> None:
   """The subprocess of step 2: indexes the library and SIGKILLs itself (no handler, no
   cleanup runs) at the first batch encoded after `--kill_after` videos were committed,
@@ -327,7 +312,8 @@ def main() -> None:
   results.update(kill_during_indexing(args))
 
   random_weights()
-  counts = count_encoded()
+  # Videos encoded: the index's own count (tests/test_search_library.py checks it against
+  # the evaluator's batches).
   from t2v2t_jax.evaluation import search  # noqa: PLC0415
   from t2v2t_jax.evaluation.library_index import LibraryIndex  # noqa: PLC0415
   config = demo_config(args.work, args.k, args.chunk)
@@ -336,23 +322,21 @@ def main() -> None:
   searcher = search.Searcher(config, run_dir, videos=library, progress=False,
                              chunk_videos=args.chunk)
   resume_s = time.perf_counter() - t
-  encoded = sum(counts)
+  encoded = searcher.index.stats["embedded"]
   results.update(resumed_encoded=encoded,
                  resumed_expected=args.videos - results["committed_before_kill"],
                  resume_s=round(resume_s, 1),
                  embed_videos_per_s=round(encoded / resume_s, 1))
-  counts.clear()
   t = time.perf_counter()
-  searcher.refresh()
+  stats = searcher.refresh()
   results["refresh_unchanged_s"] = round(time.perf_counter() - t, 2)
-  results["refresh_unchanged_encoded"] = sum(counts)
+  results["refresh_unchanged_encoded"] = stats["embedded"]
 
   # Adding 10 videos: a new folder under the library.
-  counts.clear()
   generate(os.path.join(library, "added_later"), 10, first_seed=10**6)
   t = time.perf_counter()
   stats = searcher.refresh()
-  results.update(add10_encoded=sum(counts), add10_s=round(time.perf_counter() - t, 2),
+  results.update(add10_encoded=stats["embedded"], add10_s=round(time.perf_counter() - t, 2),
                  add10_listed=stats["listed"])
 
   disk = LibraryIndex(searcher.index.cache_dir, {}, writer=False).disk_bytes()
@@ -366,7 +350,6 @@ def main() -> None:
 
   # Stored float16 tokens, over part00/ (up to 1,000 videos).
   sample_dir = os.path.join(library, "part00")
-  counts.clear()
   t = time.perf_counter()
   stored = search.Searcher(config, run_dir, videos=sample_dir, progress=False, tokens="float16",
                            chunk_videos=args.chunk)
@@ -376,7 +359,7 @@ def main() -> None:
   results["disk_float16"] = dict(
       videos=n_sample, bytes_per_video=round(sum(disk16.values()) / n_sample, 1),
       tokens_bytes_per_video=round(disk16["tokens"] / n_sample, 1),
-      embed_videos_per_s=round(sum(counts) / stored_s, 1))
+      embed_videos_per_s=round(stored.index.stats["embedded"] / stored_s, 1))
   results["latency_float16"] = latency(stored, queries, args.k)
   # The same queries on the same videos rank alike with either token source.
   sub = search.Searcher(config, run_dir, videos=sample_dir, progress=False)

@@ -427,9 +427,6 @@ def census_from_text(text: str, on_chip: bool = False) -> dict:
   by_source: dict[tuple[str, str], _Tally] = {}
   frames = stack_frame_sources(text)
 
-  def users_of(comp: Computation, name: str) -> list[Instr]:
-    return [i for i in comp.instrs if name in i.operands]
-
   def fusion_io_bytes(ins: Instr, fused: Computation | None) -> float:
     """Operands + results of a fusion, slices and in-place updates at their own size."""
     if fused is None:
@@ -451,9 +448,6 @@ def census_from_text(text: str, on_chip: bool = False) -> dict:
         continue
       if pname in in_place:
         continue          # updated in place: not read
-      users = users_of(fused, pname)
-      if users and all(u is root and root.opcode == "tuple" for u in users):
-        continue          # only handed on to the results untouched (below): not read
       total += _read_bytes(comps, fused, pname, full)
     for r in results:
       if r is None:
@@ -648,12 +642,14 @@ def _read_bytes(comps: dict, fused: Computation, pname: str, full: float,
   """Bytes a fusion reads of its parameter `pname` (`full` bytes): the slices it takes
   where every use is a slice (a scanned layer's stacked weights or saved activations, of
   which one layer is read), following the parameter into nested fusions (XLA:TPU nests
-  them); else all of it."""
+  them); nothing for the kernel's own results tuple, which only hands it on; else all."""
   users = [i for i in fused.instrs if pname in i.operands]
   if not users or depth > 8:
     return full
   read = 0.0
   for u in users:
+    if depth == 0 and u.is_root and u.opcode == "tuple":
+      continue            # handed on untouched as a result (not written either: below)
     if u.opcode in _SLICING and u.operands[0] == pname:
       read += shape_bytes(u.type_str)
     elif u.opcode == "fusion":
