@@ -203,3 +203,40 @@ def test_annotation_files_and_vocab_read_from_the_bucket(gcs, tmp_path):
         [local.video_of_pair(i) for i in range(local.num_pairs)]
   ids = text.load_tokenizer(f"{base}/vocab.txt")("a red circle")["input_ids"]
   assert ids == text.load_tokenizer(str(data / "vocab.txt"))("a red circle")["input_ids"]
+
+
+def test_json_files_and_a_hf_folder_read_from_the_bucket(gcs, tmp_path):
+  """The one JSON reader (`json_input.read_json`) on gs:// objects: values read, a missing,
+  oversized or broken object refused naming its gs:// path; and a Hugging Face folder (its
+  config.json through that reader, its weights) read from the bucket like a local one."""
+  from t2v2t_jax import storage  # noqa: PLC0415
+  from t2v2t_jax.checkpoints import hf_files  # noqa: PLC0415
+  from t2v2t_jax.errors import Refusal  # noqa: PLC0415
+  from t2v2t_jax.json_input import read_json  # noqa: PLC0415
+  base = f"gs://{gcs.bucket}/{uuid.uuid4().hex}"
+  storage.path(f"{base}/ok.json").write_bytes(b'{"a": [1, 2]}')
+  storage.path(f"{base}/broken.json").write_bytes(b'{"a": ')
+  assert read_json(f"{base}/ok.json") == {"a": [1, 2]}
+  for name, kwargs, message in (("missing.json", {}, "file not found"),
+                                ("ok.json", {"max_bytes": 4}, "more than the 4 bytes"),
+                                ("broken.json", {}, "not valid JSON")):
+    with pytest.raises(Refusal, match=re.escape(f"{base}/{name}: {message}")):
+      read_json(f"{base}/{name}", **kwargs)
+
+  sys.path.append(str(REPO / "benchmarks"))   # appended: benchmarks/input_pipeline.py
+  import crafted_checkpoints  # noqa: PLC0415
+  files = crafted_checkpoints._hf_bert_files()
+  local = tmp_path / "bert"
+  local.mkdir()
+  for name, data in files.items():
+    (local / name).write_bytes(data)
+    storage.path(f"{base}/bert/{name}").write_bytes(data)
+  remote_config, remote_state, _ = hf_files.read_hf_checkpoint(f"{base}/bert")
+  local_config, local_state, _ = hf_files.read_hf_checkpoint(str(local))
+  assert remote_config == local_config and remote_config["hidden_size"] > 0
+  assert sorted(remote_state) == sorted(local_state)
+  assert all((remote_state[k] == local_state[k]).all() for k in local_state)
+  storage.path(f"{base}/bert/config.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+  with pytest.raises(hf_files.HfCheckpointError,
+                     match=re.escape(f"{base}/bert/config.json: JSON nested too deeply")):
+    hf_files.read_hf_checkpoint(f"{base}/bert")
